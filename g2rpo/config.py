@@ -1,0 +1,154 @@
+"""Configuration: nested dataclasses loaded strictly from YAML, with dotted command-line overrides.
+
+``load_config(ModelsConfig, "configs/models/tiny.yaml", ["flux.dtype=bfloat16"])`` reads the file,
+applies the overrides (values parsed as YAML), and builds the dataclasses. Unknown keys, wrong
+types and invalid values raise ``ValueError`` naming the file, the dotted field and what was
+expected. Every field has a default equal to the reference recipe (real FLUX.1-dev weights);
+``configs/`` files only state what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Model locations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FluxModelConfig:
+    path: str = "ckpt/flux"
+    """diffusers FluxPipeline folder (FLUX.1-dev, or ckpt/tiny/flux)."""
+    dtype: str = "bfloat16"
+    """dtype the frozen parts (VAE, text encoders) and inference run in: float32 | bfloat16 | float16."""
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"flux.dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+
+
+@dataclass
+class HPSModelConfig:
+    arch: str = "ViT-H-14"
+    """open_clip architecture name; one hpsv2 does not bundle is read from base_dir/open_clip_config.json."""
+    base_dir: str = "ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """open_clip folder with the base weights (open_clip_model.safetensors or open_clip_pytorch_model.bin)."""
+    checkpoint: str = "ckpt/hps/HPS_v2.1_compressed.pt"
+    """HPS-v2.1 fine-tuned weights, {"state_dict": ...}."""
+
+
+@dataclass
+class ClipScoreModelConfig:
+    path: str = "ckpt/clip_score"
+    """open_clip folder (open_clip_config.json + weights) of DFN5B-CLIP-ViT-H-14."""
+
+
+@dataclass
+class ModelsConfig:
+    flux: FluxModelConfig = field(default_factory=FluxModelConfig)
+    hps: HPSModelConfig = field(default_factory=HPSModelConfig)
+    clip_score: ClipScoreModelConfig = field(default_factory=ClipScoreModelConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Strict loading
+# --------------------------------------------------------------------------------------------
+
+
+def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping; ``where`` prefixes every error (file and dotted path)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of fields, got {type(data).__name__} {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r}: expected the form section.field=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {override!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
+    data: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    apply_overrides(data, overrides or [])
+    return from_dict(cls, data, where)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

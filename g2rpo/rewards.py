@@ -1,0 +1,104 @@
+"""Reward-model loaders: HPS-v2.1 and the CLIP score, from local folders only.
+
+* HPS-v2.1 is built by hpsv2's bundled open_clip (``create_model_and_transforms``), given the base
+  open_clip weights of its architecture (``ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K``) and then the HPS
+  fine-tuned weights (``ckpt/hps/HPS_v2.1_compressed.pt``, ``{"state_dict": ...}``), loaded strictly.
+* The CLIP score model (DFN5B-CLIP-ViT-H-14) is an open_clip Hub-style folder read with
+  ``local-dir:`` (``open_clip_config.json`` + weights).
+
+An architecture that hpsv2 does not bundle (the tiny test one) is taken from the
+``open_clip_config.json`` in the base folder -- the file the real laion folder carries too -- so the
+same loader serves ``ViT-H-14`` and the tiny model; only the config's ``arch`` differs.
+Weights are read with safetensors or ``torch.load(weights_only=True)``; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from g2rpo.io import load_state_dict_file
+
+# Base-weight files of an open_clip Hub folder, in order of preference (safetensors first).
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                          "open_clip_pytorch_model.bin")
+
+
+@dataclass
+class OpenClipBundle:
+    """A loaded open_clip-style model with the image preprocessing and tokenizer that belong to it."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Any], torch.Tensor]  # PIL image -> normalised tensor, the model's own transform
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    arch: str
+
+
+def _read_open_clip_config(folder: Path) -> dict | None:
+    path = folder / "open_clip_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if "model_cfg" not in config:
+        raise ValueError(f"{path}: missing the 'model_cfg' entry of an open_clip config")
+    return config
+
+
+def find_open_clip_weights(folder: str | Path, what: str) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what}: directory not found: {folder}")
+    for name in OPEN_CLIP_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{what}: no weights in {folder}; expected one of {', '.join(OPEN_CLIP_WEIGHT_FILES)}")
+
+
+def load_hps_model(arch: str, base_dir: str | Path, checkpoint: str | Path,
+                   device: str | torch.device = "cpu") -> OpenClipBundle:
+    """Load HPS-v2.1 exactly as hpsv2 builds it (precision "amp": fp32 weights), in eval mode."""
+    from hpsv2.src.open_clip import create_model_and_transforms, factory, get_tokenizer
+
+    base_dir, checkpoint = Path(base_dir), Path(checkpoint)
+    base_weights = find_open_clip_weights(base_dir, "HPS base open_clip weights")
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"HPS checkpoint: file not found: {checkpoint} (HPS_v2.1_compressed.pt)")
+    if factory.get_model_config(arch) is None:
+        config = _read_open_clip_config(base_dir)
+        if config is None:
+            raise ValueError(f"HPS arch {arch!r} is not bundled with hpsv2 and {base_dir / 'open_clip_config.json'} "
+                             f"does not exist to define it")
+        factory._MODEL_CONFIGS[arch] = config["model_cfg"]
+
+    model, _, preprocess_val = create_model_and_transforms(
+        arch, None, precision="amp", device="cpu", jit=False, force_quick_gelu=False, force_custom_text=False,
+        force_patch_dropout=False, force_image_size=None, pretrained_image=False, image_mean=None, image_std=None,
+        light_augmentation=True, aug_cfg={}, output_dict=True, with_score_predictor=False,
+        with_region_predictor=False)
+    for path, what in ((base_weights, "HPS base open_clip weights"), (checkpoint, "HPS checkpoint")):
+        state = load_state_dict_file(path, what)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{what}: {path} does not match architecture {arch!r}: {exc}") from exc
+    return OpenClipBundle(model.to(device).eval(), preprocess_val, get_tokenizer(arch), arch)
+
+
+def load_clip_score_model(path: str | Path, device: str | torch.device = "cpu") -> OpenClipBundle:
+    """Load an open_clip folder (``open_clip_config.json`` + weights), e.g. DFN5B-CLIP-ViT-H-14."""
+    import open_clip
+
+    folder = Path(path)
+    find_open_clip_weights(folder, "CLIP-score model")  # open_clip would silently random-init without
+    if _read_open_clip_config(folder) is None:
+        raise FileNotFoundError(f"CLIP-score model: {folder / 'open_clip_config.json'} not found")
+    name = f"local-dir:{folder}"
+    model, _, preprocess = open_clip.create_model_and_transforms(name, device="cpu", weights_only=True)
+    return OpenClipBundle(model.to(device).eval(), preprocess, open_clip.get_tokenizer(name), name)

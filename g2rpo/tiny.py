@@ -1,0 +1,268 @@
+"""Tiny, randomly initialised stand-ins for FLUX.1-dev and the reward models, built offline.
+
+Every test and the CPU demo run on these. They are written to disk in the *real* formats -- a
+diffusers ``FluxPipeline`` folder, an HPS-v2.1 ``{"state_dict": ...}`` checkpoint plus an open_clip
+base folder, and an open_clip ``local-dir`` folder for the CLIP score -- so that they are read back
+by exactly the loaders used for the real weights (`g2rpo.models`, `g2rpo.rewards`); only the
+architecture named in the config differs.
+
+Everything is seeded and deterministic: building twice gives byte-identical weight files.
+Build with ``python scripts/prepare_tiny_checkpoints.py`` (writes ``ckpt/tiny``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from g2rpo.io import atomic_directory, atomic_write_bytes, save_safetensors
+
+# FLUX.1-dev's VAE latent normalisation; kept so the decode path reads real values from the config.
+FLUX_VAE_SCALING_FACTOR = 0.3611
+FLUX_VAE_SHIFT_FACTOR = 0.1159
+
+# FLUX.1-dev's scheduler settings (scheduler/scheduler_config.json of the real checkpoint).
+FLUX_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+TINY_TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=64,  # 16 VAE channels x 2x2 patch packing, as FLUX.1-dev
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,  # = T5 d_model
+    pooled_projection_dim=32,  # = CLIP text hidden size
+    guidance_embeds=True,  # FLUX.1-dev is guidance-distilled
+    axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+)
+
+# Name under which the tiny open_clip architecture is known; a config selects it instead of ViT-H-14.
+TINY_CLIP_ARCH = "g2rpo-tiny-ViT"
+TINY_CLIP_MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+# ViT-H-14 (laion2B) and DFN5B both normalise with the OpenAI CLIP statistics.
+CLIP_PREPROCESS_CFG = {
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
+T5_VOCAB_SIZE = 1000  # upper bound for the sentencepiece model (plus 100 <extra_id_*> tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+def build_clip_tokenizer():
+    """The exact CLIP BPE tokenizer of FLUX's ``tokenizer/`` folder, rebuilt from open_clip's bundled vocab."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    reference = SimpleTokenizer()
+    vocab = dict(reference.encoder)
+    # open_clip names the special tokens differently from the Hugging Face vocabulary.
+    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
+    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
+    merges = [pair for pair, _ in sorted(reference.bpe_ranks.items(), key=lambda item: item[1])]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def _t5_training_corpus(prompts: list[str], seed: int) -> list[str]:
+    words = sorted({word for prompt in prompts for word in prompt.split()})
+    rng = random.Random(seed)
+    shuffled = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 16))) for _ in range(3000)]
+    charset = "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"()-_/&%+=*#@"
+    return prompts + shuffled + [charset]
+
+
+def build_t5_tokenizer(prompts: list[str], seed: int = 0):
+    """A small sentencepiece-unigram T5 tokenizer (pad 0, eos 1, unk 2, 100 extra ids), trained locally."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_t5_training_corpus(prompts, seed)),
+        model_writer=model,
+        vocab_size=T5_VOCAB_SIZE,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,  # single-threaded training is deterministic
+        minloglevel=2,
+    )
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=100)
+    tokenizer.model_max_length = 512
+    return tokenizer, model.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# FLUX pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def build_tiny_flux_pipeline(prompts: list[str], seed: int = 0):
+    """Assemble a complete ``FluxPipeline`` of tiny random models (float32, CPU)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2, _ = build_t5_tokenizer(prompts, seed)
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 levels keep FLUX's x8 spatial compression
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=FLUX_VAE_SCALING_FACTOR,
+        shift_factor=FLUX_VAE_SHIFT_FACTOR,
+        use_quant_conv=False,  # as FLUX.1-dev's VAE
+        use_post_quant_conv=False,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_TRANSFORMER_CONFIG["pooled_projection_dim"],
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            # the special-token ids of openai/clip-vit-large-patch14's config, as FLUX.1-dev ships it
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    )
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=TINY_TRANSFORMER_CONFIG["joint_attention_dim"],
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, like FLUX's t5-v1_1-xxl
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# open_clip reward models
+# --------------------------------------------------------------------------------------------
+
+
+def build_tiny_open_clip(seed: int):
+    """A randomly initialised open_clip CLIP of the tiny architecture."""
+    from open_clip.model import CLIP
+
+    torch.manual_seed(seed)
+    model = CLIP(**TINY_CLIP_MODEL_CFG)
+    return model.eval()
+
+
+def write_open_clip_folder(model, directory: Path) -> None:
+    """Write ``open_clip_config.json`` + ``open_clip_model.safetensors``, the layout of a Hub open_clip repo."""
+    config = {"model_cfg": TINY_CLIP_MODEL_CFG, "preprocess_cfg": CLIP_PREPROCESS_CFG}
+    with atomic_directory(directory) as tmp:
+        (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_safetensors(model.state_dict(), tmp / "open_clip_model.safetensors")
+
+
+def write_hps_folder(directory: Path, seed: int) -> None:
+    """The HPS-v2.1 layout: ``HPS_v2.1_compressed.pt`` plus the open_clip base folder it fine-tunes.
+
+    The HPS weights are a different random draw than the base weights, so a loader that forgot to
+    apply them would be caught by the tests.
+    """
+    base = build_tiny_open_clip(seed)
+    tuned = build_tiny_open_clip(seed + 1)
+    with atomic_directory(directory) as tmp:
+        write_open_clip_folder(base, tmp / "open_clip_base")
+        buffer = io.BytesIO()
+        torch.save({"state_dict": tuned.state_dict()}, buffer)
+        atomic_write_bytes(tmp / "HPS_v2.1_compressed.pt", buffer.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# Everything
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int = 0, force: bool = False) -> dict:
+    """Write ``flux/``, ``hps/`` and ``clip_score/`` under ``out_dir``; skip parts that already exist.
+
+    Each part is built in a temporary directory and renamed into place, so an interrupted run never
+    leaves a half-written checkpoint behind. Returns ``{part: path}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = {
+        "flux": lambda d: _write_pipeline(build_tiny_flux_pipeline(prompts, seed), d),
+        "hps": lambda d: write_hps_folder(d, seed + 10),
+        "clip_score": lambda d: write_open_clip_folder(build_tiny_open_clip(seed + 20), d),
+    }
+    written = {}
+    for name, build in parts.items():
+        target = out_dir / name
+        if force or not target.exists():
+            build(target)
+        written[name] = target
+    return written
+
+
+def _write_pipeline(pipeline, directory: Path) -> None:
+    with atomic_directory(directory) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)

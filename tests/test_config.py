@@ -1,0 +1,86 @@
+"""Strict YAML config loading: errors name the file, the field and what was expected."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from g2rpo.config import ModelsConfig, apply_overrides, from_dict, load_config, to_dict
+from conftest import ROOT
+
+
+@dataclass
+class _Inner:
+    steps: int = 16
+    rate: float = 1e-4
+    granularities: list[int] = field(default_factory=lambda: [1, 2])
+    note: str | None = None
+
+
+@dataclass
+class _Outer:
+    inner: _Inner = field(default_factory=_Inner)
+    flag: bool = False
+
+
+def test_reference_yaml_equals_defaults():
+    """configs/models/flux_dev.yaml only restates the defaults (the real weights' locations)."""
+    assert load_config(ModelsConfig, ROOT / "configs" / "models" / "flux_dev.yaml") == ModelsConfig()
+    assert load_config(ModelsConfig) == ModelsConfig()
+
+
+def test_tiny_yaml_differs_only_in_paths_and_arch():
+    tiny, real = to_dict(load_config(ModelsConfig, ROOT / "configs" / "models" / "tiny.yaml")), to_dict(ModelsConfig())
+    assert tiny["hps"]["arch"] != real["hps"]["arch"]
+    assert all(str(v).startswith("ckpt/tiny/") for k, v in {**tiny["hps"], **tiny["clip_score"]}.items() if k != "arch")
+    assert tiny["flux"]["path"] == "ckpt/tiny/flux"
+
+
+def test_types_are_coerced_and_checked():
+    cfg = from_dict(_Outer, {"inner": {"steps": 8, "rate": 1, "granularities": [1, 2, 3], "note": None}, "flag": True})
+    assert cfg.inner.rate == 1.0 and isinstance(cfg.inner.rate, float)
+    assert cfg.inner.granularities == [1, 2, 3] and cfg.flag is True
+    with pytest.raises(ValueError, match=r"cfg.yaml\.inner\.steps: expected int, got str '8'"):
+        from_dict(_Outer, {"inner": {"steps": "8"}}, "cfg.yaml")
+    with pytest.raises(ValueError, match=r"inner\.steps: expected int, got bool"):
+        from_dict(_Outer, {"inner": {"steps": True}})
+    with pytest.raises(ValueError, match=r"inner\.granularities\[1\]: expected int"):
+        from_dict(_Outer, {"inner": {"granularities": [1, "two"]}})
+    with pytest.raises(ValueError, match=r"inner: expected a mapping"):
+        from_dict(_Outer, {"inner": 3})
+
+
+def test_unknown_keys_are_errors_naming_file_and_path(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text("flux:\n  path: x\n  dtyp: float32\n")
+    with pytest.raises(ValueError, match=r"models.yaml\.flux: unknown key\(s\) dtyp; valid keys are dtype, path"):
+        load_config(ModelsConfig, path)
+
+
+def test_invalid_value_names_field(tmp_path):
+    with pytest.raises(ValueError, match=r"flux.dtype='int8': expected float32, bfloat16 or float16"):
+        load_config(ModelsConfig, overrides=["flux.dtype=int8"])
+
+
+def test_overrides():
+    cfg = load_config(ModelsConfig, ROOT / "configs" / "models" / "tiny.yaml",
+                      ["flux.dtype=bfloat16", "hps.arch=ViT-H-14", "clip_score.path=/x/y"])
+    assert (cfg.flux.dtype, cfg.hps.arch, cfg.clip_score.path) == ("bfloat16", "ViT-H-14", "/x/y")
+    assert cfg.flux.path == "ckpt/tiny/flux"
+    assert apply_overrides({}, ["a.b.c=[1, 2]", "a.d=3.5", "e=text"]) == {"a": {"b": {"c": [1, 2]}, "d": 3.5}, "e": "text"}
+    with pytest.raises(ValueError, match="section.field=value"):
+        apply_overrides({}, ["flux.dtype"])
+    with pytest.raises(ValueError, match=r"'path' is not a section"):
+        apply_overrides({"flux": {"path": "x"}}, ["flux.path.deeper=1"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        load_config(ModelsConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("flux: [unclosed\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        load_config(ModelsConfig, bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="list.yaml: expected a mapping"):
+        load_config(ModelsConfig, listy)

@@ -1,0 +1,103 @@
+"""HPS-v2.1 and CLIP-score loaders on the tiny checkpoints (same code as for ViT-H-14)."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from g2rpo.rewards import load_clip_score_model, load_hps_model
+from g2rpo.tiny import TINY_CLIP_MODEL_CFG
+
+
+def _image(seed=0, size=(96, 80)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def _load_hps(cfg):
+    return load_hps_model(cfg.arch, cfg.base_dir, cfg.checkpoint)
+
+
+def test_hps_loads_the_hps_weights_not_the_base(tiny_models):
+    from safetensors.torch import load_file
+
+    bundle = _load_hps(tiny_models.hps)
+    expected = torch.load(tiny_models.hps.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    base = load_file(f"{tiny_models.hps.base_dir}/open_clip_model.safetensors")
+    state = bundle.model.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    assert not torch.equal(state["visual.conv1.weight"], base["visual.conv1.weight"])
+    assert {p.dtype for p in bundle.model.parameters()} == {torch.float32}
+    assert not bundle.model.training
+
+
+def test_hps_preprocess_tokenizer_and_features(tiny_models):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    bundle = _load_hps(tiny_models.hps)
+    pixels = bundle.preprocess(_image()).unsqueeze(0)
+    assert pixels.shape == (1, 3, 224, 224)
+    text = ["a red fox in snow", "two penguins sharing an umbrella"]
+    tokens = bundle.tokenizer(text)
+    assert tokens.shape == (2, 77)
+    ids = [49406] + SimpleTokenizer().encode(text[0]) + [49407]
+    assert tokens[0, : len(ids)].tolist() == ids and not tokens[0, len(ids):].any()
+    with torch.no_grad():
+        out = bundle.model(pixels, tokens)
+    assert out["image_features"].shape == (1, TINY_CLIP_MODEL_CFG["embed_dim"])
+    assert torch.allclose(out["text_features"].norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_clip_score_model_loads_its_folder_weights(tiny_models):
+    from safetensors.torch import load_file
+
+    bundle = load_clip_score_model(tiny_models.clip_score.path)
+    expected = load_file(f"{tiny_models.clip_score.path}/open_clip_model.safetensors")
+    state = bundle.model.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    pixels = bundle.preprocess(_image(1)).unsqueeze(0)
+    with torch.no_grad():
+        image_features = bundle.model.encode_image(pixels)
+        text_features = bundle.model.encode_text(bundle.tokenizer(["a bowl of ramen"]))
+    assert image_features.shape == text_features.shape == (1, TINY_CLIP_MODEL_CFG["embed_dim"])
+
+
+def test_hps_missing_files_are_named(tiny_models, tmp_path):
+    cfg = tiny_models.hps
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_hps_model(cfg.arch, cfg.base_dir, tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match="no-base"):
+        load_hps_model(cfg.arch, tmp_path / "no-base", cfg.checkpoint)
+    empty = tmp_path / "empty-base"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors"):
+        load_hps_model(cfg.arch, empty, cfg.checkpoint)
+
+
+def test_hps_unknown_arch_without_config_is_an_error(tiny_models, tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copy(f"{tiny_models.hps.base_dir}/open_clip_model.safetensors", base)
+    with pytest.raises(ValueError, match="not-an-arch.*open_clip_config.json"):
+        load_hps_model("not-an-arch", base, tiny_models.hps.checkpoint)
+
+
+def test_truncated_hps_checkpoint_is_named(tiny_models, tmp_path):
+    broken = tmp_path / "HPS_v2.1_compressed.pt"
+    data = open(tiny_models.hps.checkpoint, "rb").read()
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="HPS checkpoint.*HPS_v2.1_compressed.pt"):
+        load_hps_model(tiny_models.hps.arch, tiny_models.hps.base_dir, broken)
+
+
+def test_clip_score_folder_without_weights_is_an_error(tiny_models, tmp_path):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    shutil.copy(f"{tiny_models.clip_score.path}/open_clip_config.json", folder)
+    with pytest.raises(FileNotFoundError, match="no weights in .*clip"):
+        load_clip_score_model(folder)
