@@ -62,6 +62,70 @@ class ModelsConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# Sampling (singular-SDE rollouts, G2RPO_ALGORITHM.md §1-3)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 16
+    """T, sampling steps of the anchor trajectory."""
+    shift: float = 3.0
+    """time shift k of the sigma schedule, shift(t) = k·t / (1 + (k-1)·t)."""
+    eta: float = 0.7
+    """noise level of the single SDE step at each branching point."""
+    branch_steps: list[int] = field(default_factory=lambda: list(range(8)))
+    """K (the reference's eta_step_list): grid indices where a group branches, each in 0..T-2."""
+    granularities: list[int] = field(default_factory=lambda: [1, 2])
+    """G (granular_list): strides of the deterministic completions after each branch."""
+    group_size: int = 12
+    """N, generations per prompt; all share one start noise and one anchor trajectory."""
+    guidance: float = 3.5
+    """FLUX.1-dev distilled guidance scale given to the transformer."""
+    height: int = 720
+    """image height in pixels (multiple of 16)."""
+    width: int = 720
+    """image width in pixels (multiple of 16)."""
+    order: str = "shared"
+    """"shared" (default: the branch reuses the anchor's velocity, granularities share their first two
+    evaluations, a branch step's N completions run as one batch) or "reference" (the reference
+    recipe's order: per generation, batch 1, nothing shared). Same outputs up to float rounding."""
+    micro_batch: int = 0
+    """most samples per transformer call in the completions; 0 = the whole group at once."""
+
+    def __post_init__(self):
+        if self.num_steps < 2:
+            raise ValueError(f"num_steps={self.num_steps}: need >= 2 (one branch step plus one completion step)")
+        if self.shift <= 0:
+            raise ValueError(f"shift={self.shift}: must be > 0")
+        if self.eta <= 0:
+            raise ValueError(f"eta={self.eta}: must be > 0, or the branch step is deterministic and every "
+                             f"advantage is 0")
+        if not self.branch_steps:
+            raise ValueError("branch_steps is empty: give at least one branching step, e.g. [0]")
+        bad = [k for k in self.branch_steps if not 0 <= k <= self.num_steps - 2]
+        if bad:
+            raise ValueError(f"branch_steps {bad}: each must be in 0..{self.num_steps - 2} (num_steps - 2) so that "
+                             f"a completion step remains after the branch")
+        if len(set(self.branch_steps)) != len(self.branch_steps):
+            raise ValueError(f"branch_steps {self.branch_steps}: contains duplicates")
+        if not self.granularities or any(g < 1 for g in self.granularities):
+            raise ValueError(f"granularities {self.granularities}: need at least one, each >= 1")
+        if len(set(self.granularities)) != len(self.granularities):
+            raise ValueError(f"granularities {self.granularities}: contains duplicates")
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size}: GRPO needs >= 2 generations per group")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value <= 0 or value % 16:
+                raise ValueError(f"{name}={value}: must be a positive multiple of 16 (VAE x8, then 2x2 packing)")
+        if self.order not in ("shared", "reference"):
+            raise ValueError(f"order={self.order!r}: expected 'shared' or 'reference'")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch={self.micro_batch}: must be >= 0 (0 = whole group)")
+
+
+# --------------------------------------------------------------------------------------------
 # Strict loading
 # --------------------------------------------------------------------------------------------
 

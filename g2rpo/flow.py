@@ -1,0 +1,177 @@
+"""Pure sampler math for rectified-flow FLUX (G2RPO_ALGORITHM.md §1-3). No I/O, no global RNG.
+
+Conventions: ``x_σ = (1-σ)·x0 + σ·ε``, the model predicts ``v ≈ ε - x0``, so ``x̂0 = x - σ·v``.
+Latents are FLUX "packed" tensors ``[B, tokens, 64]`` (16 VAE channels × 2×2 patches), but the
+step functions work on any ``[B, ...]`` shape.
+
+| function | spec |
+|---|---|
+| `shift_time`, `sigma_schedule` | §1 grid: ``σ_i = shift(1 - i/T)``, ``shift(t) = k·t / (1 + (k-1)·t)`` |
+| `quantize_timestep` | §1: ``t = floor(σ·1000)/1000`` as given to the transformer |
+| `sde_step` | §2: the flow-GRPO transition, its mean/std, sample and per-element-mean log-prob |
+| `granular_schedule`, `granular_indices` | §3.4: sub-grid ``σ_0..σ_{k+1}, σ_{k+2}, σ_{k+2+g}, …`` |
+| `pack_latents`, `unpack_latents`, `latent_image_ids` | FLUX's 2×2 patch packing and image position ids |
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+# --------------------------------------------------------------------------------------------
+# §1 time grid
+# --------------------------------------------------------------------------------------------
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """``shift(t) = k·t / (1 + (k-1)·t)``: maps [0, 1] onto itself, spending more steps at high noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
+    """Noise levels ``σ_0 = 1 > σ_1 > … > σ_T = 0``, float32, shape ``[num_steps + 1]``."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps}: need at least one sampling step")
+    if shift <= 0:
+        raise ValueError(f"shift={shift}: must be > 0")
+    t = 1 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    return shift_time(t, shift).to(torch.float32)
+
+
+def quantize_timestep(sigma: torch.Tensor | float) -> torch.Tensor:
+    """The transformer's timestep input, ``floor(σ·1000)/1000`` (the reference's quantisation)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    return torch.floor(sigma * 1000) / 1000
+
+
+# --------------------------------------------------------------------------------------------
+# §2 one transition
+# --------------------------------------------------------------------------------------------
+
+
+def sde_step_stats(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index: int, eta: float):
+    """Mean and standard deviation of ``p(x_{i+1} | x_i)`` and the ``x̂0`` prediction, in float32.
+
+    Returns ``(mean, std, pred_x0)``; ``std`` is a 0-d tensor (the same for every element).
+    """
+    if not 0 <= index < len(sigmas) - 1:
+        raise ValueError(f"index={index}: a step needs sigmas[index + 1]; valid indices are 0..{len(sigmas) - 2}")
+    x = latents.float()
+    v = velocity.float()
+    sigmas = sigmas.float()
+    sigma, sigma_next = sigmas[index], sigmas[index + 1]
+    dt = sigma_next - sigma  # < 0
+    # σ̃ = σ_1 at σ = 1 keeps σ / (1 - σ̃) finite at the very first step.
+    sigma_tilde = torch.where(sigma == 1, sigmas[1], sigma)
+    s = eta * torch.sqrt(sigma / (1 - sigma_tilde))
+    mean = x * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+    std = s * torch.sqrt(-dt)
+    pred_x0 = x - sigma * v
+    return mean, std, pred_x0
+
+
+def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``log N(sample; mean, std²)`` averaged (not summed) over every non-batch element -> ``[B]``."""
+    elementwise = -((sample.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    return elementwise.flatten(1).mean(dim=1)
+
+
+def sde_step(velocity: torch.Tensor, latents: torch.Tensor, sigmas: torch.Tensor, index: int, eta: float,
+             prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             noise: torch.Tensor | None = None):
+    """One flow-GRPO transition from ``σ_index`` to ``σ_{index+1}`` (§2), computed in float32.
+
+    Returns ``(prev_sample, pred_x0, log_prob)``:
+    * ``prev_sample`` -- the given ``prev_sample`` (then it is only scored), else ``mean + std·ξ``
+      with ``ξ = noise`` if given, else drawn from ``generator``;
+    * ``pred_x0 = x - σ·v``;
+    * ``log_prob`` -- ``[B]``, the per-element mean Gaussian log-density of ``prev_sample``; ``None``
+      when ``eta == 0``, where the step is the deterministic Euler ODE step ``x + v·dt``.
+    """
+    if velocity.shape != latents.shape:
+        raise ValueError(f"velocity {tuple(velocity.shape)} and latents {tuple(latents.shape)} must have the same shape")
+    if eta < 0:
+        raise ValueError(f"eta={eta}: must be >= 0")
+    mean, std, pred_x0 = sde_step_stats(latents, velocity, sigmas, index, eta)
+    if eta == 0:
+        return (mean if prev_sample is None else prev_sample.float()), pred_x0, None
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        elif noise.shape != mean.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} must have the latents' shape {tuple(mean.shape)}")
+        prev_sample = mean + std * noise.float()
+    return prev_sample.float(), pred_x0, gaussian_log_prob(prev_sample, mean, std)
+
+
+def ode_step(velocity: torch.Tensor, latents: torch.Tensor, sigmas: torch.Tensor, index: int,
+             next_index: int | None = None):
+    """Euler step from ``σ_index`` to ``σ_next_index`` (default ``index + 1``); returns ``(x_next, pred_x0)``.
+
+    With ``next_index = index + 1`` this equals ``sde_step(..., eta=0)``; a larger ``next_index``
+    is the coarse step of a granular completion.
+    """
+    next_index = index + 1 if next_index is None else next_index
+    x, v = latents.float(), velocity.float()
+    sigma = sigmas[index].float()
+    return x + (sigmas[next_index].float() - sigma) * v, x - sigma * v
+
+
+# --------------------------------------------------------------------------------------------
+# §3.4 granular completion grids
+# --------------------------------------------------------------------------------------------
+
+
+def granular_indices(num_steps: int, branch_step: int, granularity: int) -> list[int]:
+    """Grid indices of the sub-grid: ``0..k+1`` then ``k+2, k+2+g, k+2+2g, …`` while ``<= T``.
+
+    The tail may stop short of ``T`` (σ = 0) when ``g > 1``; that is the reference behaviour.
+    """
+    if granularity < 1:
+        raise ValueError(f"granularity={granularity}: must be >= 1")
+    if not 0 <= branch_step <= num_steps - 2:
+        raise ValueError(f"branch_step={branch_step}: must be in 0..{num_steps - 2} for T={num_steps} "
+                         f"(the branch step k->k+1 must leave at least one completion step)")
+    return list(range(branch_step + 2)) + list(range(branch_step + 2, num_steps + 1, granularity))
+
+
+def granular_schedule(sigmas: torch.Tensor, branch_step: int, granularity: int) -> torch.Tensor:
+    """The σ values of `granular_indices` (§3.4)."""
+    return sigmas[granular_indices(len(sigmas) - 1, branch_step, granularity)]
+
+
+# --------------------------------------------------------------------------------------------
+# FLUX latent layout
+# --------------------------------------------------------------------------------------------
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` VAE latents -> ``[B, (H/2)·(W/2), 4C]`` tokens of 2×2 patches (FLUX layout)."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent height/width {h}x{w} must be even to pack 2x2 patches")
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `pack_latents`; ``height``/``width`` are the *latent* (VAE) sizes."""
+    b, n, d = tokens.shape
+    if n != (height // 2) * (width // 2) or d % 4:
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not fit latent size {height}x{width}")
+    x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Position ids ``[(H/2)·(W/2), 3]`` = ``(0, row, col)`` of each packed token; sizes are latent sizes."""
+    rows = torch.arange(height // 2, device=device, dtype=dtype)
+    cols = torch.arange(width // 2, device=device, dtype=dtype)
+    ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = rows[:, None]
+    ids[..., 2] = cols[None, :]
+    return ids.reshape(-1, 3)
