@@ -31,3 +31,115 @@ def read_prompt_file(path: str | Path) -> list[str]:
             raise ValueError(f"{path}:{number}: blank line; expected one prompt per line (remove the empty line)")
         prompts.append(prompt)
     return prompts
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding files and their index
+# --------------------------------------------------------------------------------------------
+
+EMBEDDING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "text_ids")
+
+
+def write_embedding(path: str | Path, prompt_embeds, pooled_prompt_embeds, text_ids, caption: str) -> None:
+    """One prompt's conditioning as safetensors (``[S, D]``, ``[P]``, ``[S, 3]``), written atomically."""
+    from g2rpo.io import save_safetensors
+
+    save_safetensors({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
+                      "text_ids": text_ids}, path, metadata={"caption": caption})
+
+
+def validate_embedding(tensors: dict, where: str, dims: tuple[int, int] | None = None):
+    """Check keys, ranks, matching lengths, finiteness and (optionally) the model's dims; name ``where``."""
+    import torch
+
+    missing = [k for k in EMBEDDING_KEYS if k not in tensors]
+    if missing:
+        raise ValueError(f"{where}: missing tensor(s) {', '.join(missing)}; expected {', '.join(EMBEDDING_KEYS)}")
+    embeds, pooled, ids = (tensors[k] for k in EMBEDDING_KEYS)
+    if embeds.dim() != 2 or pooled.dim() != 1 or ids.dim() != 2 or ids.shape != (embeds.shape[0], 3):
+        raise ValueError(f"{where}: shapes prompt_embeds {tuple(embeds.shape)}, pooled_prompt_embeds "
+                         f"{tuple(pooled.shape)}, text_ids {tuple(ids.shape)}; expected [S, D], [P], [S, 3]")
+    if not (embeds.is_floating_point() and pooled.is_floating_point()):
+        raise ValueError(f"{where}: embeddings must be floating point, got {embeds.dtype} and {pooled.dtype}")
+    if not (torch.isfinite(embeds).all() and torch.isfinite(pooled).all()):
+        raise ValueError(f"{where}: embeddings contain NaN or inf")
+    if dims is not None and (embeds.shape[1], pooled.shape[0]) != tuple(dims):
+        raise ValueError(f"{where}: embedding dims (D={embeds.shape[1]}, P={pooled.shape[0]}) do not match the "
+                         f"transformer (joint_attention_dim={dims[0]}, pooled_projection_dim={dims[1]})")
+
+
+class EmbeddingDataset:
+    """Prompt embeddings listed in a JSONL index (``{"index", "caption", "file"}`` per line).
+
+    ``file`` is relative to the index's folder. Entries are checked when the index is read (fields,
+    files present) and each file when it is loaded (shapes, dtypes, finiteness, model dims).
+    """
+
+    def __init__(self, index_path: str | Path, dims: tuple[int, int] | None = None):
+        import json
+
+        self.index_path = Path(index_path)
+        self.dims = dims
+        if not self.index_path.is_file():
+            raise FileNotFoundError(f"embedding index not found: {self.index_path} (run the preprocessing step)")
+        self.entries = []
+        for number, line in enumerate(self.index_path.read_text(encoding="utf-8").splitlines(), start=1):
+            where = f"{self.index_path}:{number}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("caption"), str) \
+                    or not isinstance(entry.get("file"), str):
+                raise ValueError(f"{where}: expected an object with string fields 'caption' and 'file'")
+            if not (self.index_path.parent / entry["file"]).is_file():
+                raise FileNotFoundError(f"{where}: embedding file {self.index_path.parent / entry['file']} is missing")
+            self.entries.append(entry)
+        if not self.entries:
+            raise ValueError(f"{self.index_path}: the index is empty")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def caption(self, i: int) -> str:
+        return self.entries[i]["caption"]
+
+    def __getitem__(self, i: int):
+        from safetensors.torch import load_file
+
+        from g2rpo.rollout import PromptEmbedding
+
+        path = self.index_path.parent / self.entries[i]["file"]
+        try:
+            tensors = load_file(path)
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot read embedding file ({exc})") from exc
+        validate_embedding(tensors, str(path), self.dims)
+        return PromptEmbedding(*(tensors[k] for k in EMBEDDING_KEYS)), self.entries[i]["caption"]
+
+
+class GroupSchedule:
+    """Which dataset item each rank's prompt groups use at each step; the same for any world size.
+
+    Positions run through a seeded permutation of the dataset (a new one each epoch). At step ``s``,
+    rank ``r`` takes positions ``world·(s·per_rank + j) + r`` for ``j < per_rank``, so one process
+    with ``per_rank = 2`` sees the same groups as two ranks with ``per_rank = 1`` (and each group's
+    sampling seed is keyed by its position, not by the rank).
+    """
+
+    def __init__(self, size: int, world_size: int, per_rank: int, seed: int, shuffle: bool = True):
+        self.size, self.world_size, self.per_rank, self.seed, self.shuffle = size, world_size, per_rank, seed, shuffle
+
+    def _order(self, epoch: int):
+        import torch
+
+        if not self.shuffle:
+            return list(range(self.size))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def positions(self, step: int, rank: int) -> list[int]:
+        return [self.world_size * (step * self.per_rank + j) + rank for j in range(self.per_rank)]
+
+    def item(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        return self._order(epoch)[offset]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from g2rpo.io import load_state_dict_file
 
@@ -102,3 +103,88 @@ def load_clip_score_model(path: str | Path, device: str | torch.device = "cpu") 
     name = f"local-dir:{folder}"
     model, _, preprocess = open_clip.create_model_and_transforms(name, device="cpu", weights_only=True)
     return OpenClipBundle(model.to(device).eval(), preprocess, open_clip.get_tokenizer(name), name)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring: images in memory -> one score per image
+# --------------------------------------------------------------------------------------------
+
+
+class OpenClipReward:
+    """Cosine similarity of the normalised image and text features, one score per (image, prompt).
+
+    This is HPS-v2.1's score (the diagonal of ``image_features @ text_features.T``; no logit scale)
+    and the reference's CLIP score. ``score`` takes float images in [0, 1], shaped ``[B, 3, H, W]``,
+    on any device, and preprocesses them as tensors with the same steps as the model's own PIL
+    preprocessing, without a PIL or disk round trip:
+
+    * ``resize_mode="longest_pad"`` (hpsv2's evaluation transform): bicubic resize of the *longer*
+      side to the input size, then zero padding to a square;
+    * ``resize_mode="shortest_crop"`` (open_clip's): bicubic resize of the shorter side, centre crop.
+
+    Both are the identity on the aspect ratio for square images (the training resolution).
+    """
+
+    def __init__(self, bundle: OpenClipBundle, device: str | torch.device = "cpu", batch_size: int = 32,
+                 resize_mode: str = "shortest_crop"):
+        if resize_mode not in ("shortest_crop", "longest_pad"):
+            raise ValueError(f"resize_mode={resize_mode!r}: expected 'shortest_crop' or 'longest_pad'")
+        self.resize_mode = resize_mode
+        self.model = bundle.model.to(device).eval().requires_grad_(False)
+        self.tokenizer = bundle.tokenizer
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        visual = self.model.visual
+        size = visual.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+        std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as TF
+
+        images = images.to(self.device, torch.float32)
+        bicubic = TF.InterpolationMode.BICUBIC
+        if self.resize_mode == "shortest_crop":
+            images = TF.resize(images, [min(self.image_size)], interpolation=bicubic, antialias=True)
+            images = TF.center_crop(images, list(self.image_size))
+        else:
+            size = max(self.image_size)
+            height, width = images.shape[-2:]
+            scale = size / max(height, width)
+            if scale != 1.0:
+                new_h, new_w = round(height * scale), round(width * scale)
+                images = TF.resize(images, [new_h, new_w], interpolation=bicubic, antialias=True)
+                pad_h, pad_w = size - new_h, size - new_w
+                images = TF.pad(images, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0.0)
+        return (images - self.mean) / self.std
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W] floats in [0, 1], got shape {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            pixels = self.preprocess(images[start:start + self.batch_size])
+            tokens = self.tokenizer(list(prompts[start:start + self.batch_size])).to(self.device)
+            image_features = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+            text_features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+            scores.append((image_features * text_features).sum(dim=-1))
+        return torch.cat(scores)
+
+
+def build_reward(name: str, models, device: str | torch.device = "cpu") -> OpenClipReward:
+    """Reward model by name: ``hps`` (HPS-v2.1) or ``clip_score``; ``models`` is a `ModelsConfig`."""
+    if name == "hps":
+        bundle = load_hps_model(models.hps.arch, models.hps.base_dir, models.hps.checkpoint)
+        return OpenClipReward(bundle, device, resize_mode="longest_pad")
+    if name == "clip_score":
+        return OpenClipReward(load_clip_score_model(models.clip_score.path), device)
+    raise ValueError(f"unknown reward {name!r}; available: {', '.join(REWARD_NAMES)}")
+
+
+REWARD_NAMES = ("hps", "clip_score")

@@ -101,3 +101,49 @@ def test_clip_score_folder_without_weights_is_an_error(tiny_models, tmp_path):
     shutil.copy(f"{tiny_models.clip_score.path}/open_clip_config.json", folder)
     with pytest.raises(FileNotFoundError, match="no weights in .*clip"):
         load_clip_score_model(folder)
+
+
+def _images(n, size=(3, 96, 128), seed=0):
+    # smooth images (a blurred noise field), like decoded samples rather than white noise
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, size[0], size[1] // 8, size[2] // 8, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=size[1:], mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("name", ["hps", "clip_score"])
+def test_tensor_scores_equal_the_models_own_pil_preprocessing(tiny_models, name):
+    """score() on tensors vs the model's PIL transform on the same (uint8-rounded) images."""
+    from g2rpo.rewards import build_reward
+
+    reward = build_reward(name, tiny_models)
+    images = (_images(3) * 255).round() / 255  # representable exactly as uint8 PIL images
+    prompts = ["a red fox in snow", "a bowl of ramen", "a lighthouse in a storm"]
+    bundle = load_hps_model(tiny_models.hps.arch, tiny_models.hps.base_dir, tiny_models.hps.checkpoint) \
+        if name == "hps" else load_clip_score_model(tiny_models.clip_score.path)
+    pil = [Image.fromarray((img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()) for img in images]
+    with torch.no_grad():
+        pixels = torch.stack([bundle.preprocess(p) for p in pil])
+        img = torch.nn.functional.normalize(bundle.model.encode_image(pixels), dim=-1)
+        txt = torch.nn.functional.normalize(bundle.model.encode_text(bundle.tokenizer(prompts)), dim=-1)
+    expected = (img * txt).sum(-1)
+    # HPS resizes tensors in both paths; open_clip resizes the PIL image (PIL's bicubic), hence the looser bound
+    torch.testing.assert_close(reward.score(images, prompts), expected, atol=1e-5 if name == "hps" else 2e-3, rtol=0)
+    assert torch.allclose(reward.preprocess(images), pixels, atol=1e-5 if name == "hps" else 0.1)
+
+
+def test_scores_are_batch_invariant_and_validated(tiny_models):
+    from g2rpo.rewards import build_reward
+
+    reward = build_reward("hps", tiny_models)
+    images, prompts = _images(4, seed=1), ["a cat", "a dog", "a tree", "a house"]
+    batched = reward.score(images, prompts)
+    singles = torch.cat([reward.score(images[i:i + 1], prompts[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(batched, singles, atol=1e-6, rtol=0)
+    assert batched.shape == (4,) and batched.abs().max() <= 1
+    assert torch.equal(reward.score(images.double(), prompts), batched)
+    with pytest.raises(ValueError, match="4 images but 3 prompts"):
+        reward.score(images, prompts[:3])
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        reward.score(images[0], prompts[:1])
+    with pytest.raises(ValueError, match="unknown reward 'pick'"):
+        build_reward("pick", tiny_models)
