@@ -126,6 +126,139 @@ class SamplingConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# Training (G2RPO_ALGORITHM.md §4-6)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardSpec:
+    name: str = "hps"
+    """reward model: hps | clip_score."""
+    weight: float = 1.0
+    """weight of this reward's advantage term in the MGAI sum (the reference uses 1)."""
+
+    def __post_init__(self):
+        if self.name not in ("hps", "clip_score"):
+            raise ValueError(f"rewards: name={self.name!r}: expected hps or clip_score")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"
+    """any name diffusers.optimization.get_scheduler knows (constant, constant_with_warmup, cosine, ...)."""
+    warmup_steps: int = 0
+    """in optimiser updates (one per branching step)."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr}: must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={self.betas}: expected two values in [0, 1)")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"optim.max_grad_norm={self.max_grad_norm}: must be > 0")
+
+
+@dataclass
+class PPOConfig:
+    clip_range: float = 1e-4
+    """ε of the clipped ratio."""
+    adv_clip_max: float = 5.0
+    """advantages are clipped to ±adv_clip_max after the MGAI sum."""
+
+    def __post_init__(self):
+        if self.clip_range <= 0:
+            raise ValueError(f"ppo.clip_range={self.clip_range}: must be > 0")
+        if self.adv_clip_max <= 0:
+            raise ValueError(f"ppo.adv_clip_max={self.adv_clip_max}: must be > 0")
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "fsdp"
+    """fsdp | deepspeed | ddp (one process always runs the plain module)."""
+    fsdp_sharding: str = "full_shard"
+    """full_shard | shard_grad_op | no_shard."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 2 or 3."""
+    mixed_precision: str = "bf16"
+    """bf16: autocast the transformer to bf16 on CUDA (weights stay fp32); no: fp32. CPU always runs fp32."""
+    activation_checkpointing: bool = True
+    """recompute each FLUX block's activations in the backward pass."""
+    device: str = "auto"
+    """auto (cuda if available) | cuda | cpu."""
+
+    def __post_init__(self):
+        if self.kind not in ("fsdp", "deepspeed", "ddp"):
+            raise ValueError(f"engine.kind={self.kind!r}: expected fsdp, deepspeed or ddp")
+        if self.fsdp_sharding not in ("full_shard", "shard_grad_op", "no_shard"):
+            raise ValueError(f"engine.fsdp_sharding={self.fsdp_sharding!r}: expected full_shard, shard_grad_op or "
+                             f"no_shard")
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"engine.zero_stage={self.zero_stage}: expected 2 or 3")
+        if self.mixed_precision not in ("bf16", "no"):
+            raise ValueError(f"engine.mixed_precision={self.mixed_precision!r}: expected bf16 or no")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"engine.device={self.device!r}: expected auto, cuda or cpu")
+
+
+@dataclass
+class DataConfig:
+    index: str = "data/rl_embeddings/index.jsonl"
+    """JSONL index written by the preprocessing step."""
+    prompts_per_rank: int = 1
+    """prompt groups each rank rolls out per step (the reference: 1)."""
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.prompts_per_rank < 1:
+            raise ValueError(f"data.prompts_per_rank={self.prompts_per_rank}: must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("hps")])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    max_steps: int = 301
+    """training steps; each is one rollout per group and one optimiser update per branching step."""
+    seed: int = 42
+    output_dir: str = "outputs/g2rpo_hps"
+    checkpoint_every: int = 50
+    checkpoint_start: int = 150
+    """first step that may be checkpointed (then every checkpoint_every steps, and the last step)."""
+    save_dtype: str = "float32"
+    """dtype of exported transformer weights: float32 (exact) or bfloat16 (half the disk)."""
+    sample_every: int = 10
+    """write a PNG grid of this rank-0 step's anchor samples every N steps (0 = never)."""
+    decode_batch_size: int = 16
+    """VAE decodes per call when scoring completions."""
+
+    def __post_init__(self):
+        if not self.rewards:
+            raise ValueError("rewards is empty: name at least one reward (hps, clip_score)")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rewards {names}: each reward may appear once")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps}: must be >= 1")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every}: must be >= 1")
+        if self.save_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"save_dtype={self.save_dtype!r}: expected float32 or bfloat16")
+        if self.decode_batch_size < 1:
+            raise ValueError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
 # Strict loading
 # --------------------------------------------------------------------------------------------
 

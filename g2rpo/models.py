@@ -59,3 +59,23 @@ def load_flux_pipeline(path: str | Path, dtype: str | torch.dtype = torch.float3
     if transformer_path is not None:
         kwargs["transformer"] = load_transformer(transformer_path, dtype)
     return FluxPipeline.from_pretrained(folder, dtype=resolve_dtype(dtype), local_files_only=True, **kwargs)
+
+
+def decode_latents(vae, packed: torch.Tensor, height: int, width: int, batch_size: int = 16) -> torch.Tensor:
+    """Packed FLUX latents ``[M, tokens, 64]`` -> images ``[M, 3, height, width]``, float32 in [0, 1].
+
+    The latent normalisation comes from the VAE config (``z / scaling_factor + shift_factor``;
+    0.3611 and 0.1159 for FLUX.1-dev). Decodes in chunks of ``batch_size`` in the VAE's dtype.
+    """
+    from g2rpo.flow import unpack_latents
+
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    dtype = next(vae.parameters()).dtype
+    device = next(vae.parameters()).device
+    images = []
+    with torch.no_grad():
+        for chunk in packed.split(batch_size):
+            latents = unpack_latents(chunk.float(), height // 8, width // 8) / scale + shift
+            decoded = vae.decode(latents.to(device, dtype), return_dict=False)[0]
+            images.append((decoded.float() / 2 + 0.5).clamp(0, 1))
+    return torch.cat(images)

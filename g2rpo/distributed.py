@@ -1,0 +1,235 @@
+"""Everything about processes and ranks: init/teardown, collectives, and wrapping the policy.
+
+This is the only module that reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK).
+Engines (``EngineConfig.kind``):
+
+* ``fsdp`` -- FSDP (FULL_SHARD by default) with each FLUX block its own unit, fp32 master weights,
+  bf16 autocast on CUDA, optional activation checkpointing on the blocks; gloo on CPU, NCCL on GPU.
+* ``deepspeed`` -- ZeRO stage 2 or 3 around a torch AdamW (no fused-op compilation).
+* ``ddp`` -- DistributedDataParallel, or the plain module when there is one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the torchrun job (if any). ``device``: "cpu", "cuda", or None for cuda when available."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for, but torch.cuda.is_available() is False")
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+    """Reduce a tensor over ranks (returns a new tensor; identity for one process)."""
+    out = tensor.detach().clone().float()
+    if is_distributed():
+        backend_device = out.device
+        if dist.get_backend() == "nccl" and backend_device.type != "cuda":
+            out = out.cuda()
+        dist.all_reduce(out, op={"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        if op == "mean":
+            out /= dist.get_world_size()
+        out = out.to(backend_device)
+    return out
+
+
+def print0(*args, **kwargs) -> None:
+    if not is_distributed() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def teardown(exit_code: int = 0) -> None:
+    """End a CLI process cleanly. gloo can crash at interpreter exit, so leave with ``os._exit``."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
+
+
+# --------------------------------------------------------------------------------------------
+# Wrapping the trainable policy
+# --------------------------------------------------------------------------------------------
+
+
+def _flux_block_classes():
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    return (FluxTransformerBlock, FluxSingleTransformerBlock)
+
+
+class PolicyEngine:
+    """The trainable transformer under an engine, with its optimiser and LR scheduler.
+
+    ``module`` is what to call for forwards (the wrapper); ``backward``, ``step`` (clip + optimiser
+    + scheduler + zero-grad) and ``full_state_dict`` hide the engine differences.
+    """
+
+    def __init__(self, model: torch.nn.Module, engine_cfg, optim_cfg, total_updates: int, info: DistInfo):
+        from diffusers.optimization import get_scheduler
+
+        self.kind = engine_cfg.kind
+        self.info = info
+        self.max_grad_norm = optim_cfg.max_grad_norm
+        self.autocast_dtype = torch.bfloat16 if (info.device.type == "cuda" and engine_cfg.mixed_precision == "bf16") \
+            else None
+        self.config = model.config
+        self.raw = model
+        model = model.to(info.device).float().train()  # fp32 master weights
+        blocks = _flux_block_classes()
+        if engine_cfg.activation_checkpointing and not (self.kind == "fsdp" and info.world_size > 1):
+            model.enable_gradient_checkpointing()  # FSDP wraps its blocks with checkpoint_wrapper below
+
+        def adamw(params):
+            return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
+                                     weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps)
+
+        if self.kind == "fsdp" and info.world_size > 1:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp import ShardingStrategy
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            strategy = {"full_shard": ShardingStrategy.FULL_SHARD, "shard_grad_op": ShardingStrategy.SHARD_GRAD_OP,
+                        "no_shard": ShardingStrategy.NO_SHARD}[engine_cfg.fsdp_sharding]
+            self.module = FSDP(model, auto_wrap_policy=ModuleWrapPolicy(set(blocks)), sharding_strategy=strategy,
+                               device_id=info.device, use_orig_params=True, limit_all_gathers=True)
+            if engine_cfg.activation_checkpointing:
+                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+                    CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper)
+
+                apply_activation_checkpointing(
+                    self.module, checkpoint_wrapper_fn=functools.partial(
+                        checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+                    check_fn=lambda m: isinstance(m, blocks))
+            self.optimizer = adamw(self.module.parameters())
+        elif self.kind == "deepspeed":
+            import deepspeed
+
+            ds_config = {
+                "train_micro_batch_size_per_gpu": 1,
+                "gradient_accumulation_steps": 1,
+                "gradient_clipping": optim_cfg.max_grad_norm,
+                "zero_optimization": {"stage": engine_cfg.zero_stage},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 2**31 - 1,
+                "wall_clock_breakdown": False,
+            }
+            base = adamw(model.parameters())  # a torch optimizer: no FusedAdam compilation
+            self.module, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=base, config=ds_config, dist_init_required=False)
+            self.optimizer = base  # ZeRO steps it and shares its param_groups; the LR scheduler drives those
+        elif info.world_size > 1:  # ddp
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.module = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            self.optimizer = adamw(self.module.parameters())
+        else:
+            self.module = model
+            self.optimizer = adamw(self.module.parameters())
+        self.scheduler = get_scheduler(optim_cfg.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=optim_cfg.warmup_steps, num_training_steps=total_updates)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.kind == "deepspeed":
+            self.module.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self) -> torch.Tensor:
+        """Clip the gradient norm, step optimiser and scheduler, zero the gradients; returns the pre-clip norm."""
+        if self.kind == "deepspeed":
+            self.module.step()  # clips by gradient_clipping, steps, zeroes
+            norm = self.module.get_global_grad_norm()
+            norm = torch.tensor(float(norm) if norm is not None else float("nan"))
+        else:
+            if hasattr(self.module, "clip_grad_norm_"):  # FSDP: norm over all shards
+                norm = self.module.clip_grad_norm_(self.max_grad_norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm.detach().float().cpu()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The unsharded fp32 weights on rank 0 (None on other ranks). Collective: call on every rank."""
+        if self.kind == "fsdp" and self.info.world_size > 1:
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            # offload_to_cpu=True segfaults with gloo on CPU; on CUDA it keeps GPU memory flat
+            config = FullStateDictConfig(offload_to_cpu=self.info.device.type == "cuda", rank0_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # FSDP1's state_dict_type deprecation notice
+                with FSDP.state_dict_type(self.module, StateDictType.FULL_STATE_DICT, config):
+                    state = self.module.state_dict()
+        elif self.kind == "deepspeed" and self.module.zero_optimization_stage() == 3:
+            import deepspeed
+
+            state = {}
+            for name, param in self.module.module.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if self.info.is_main:
+                        state[name] = param.detach().cpu().clone()
+            for name, buf in self.module.module.named_buffers():
+                state[name] = buf.detach().cpu().clone()
+        else:
+            module = self.module.module if hasattr(self.module, "module") else self.module
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.info.is_main else {}
+        if not self.info.is_main:
+            return None
+        return {_clean_key(k): v.detach().cpu() for k, v in state.items()}
+
+
+def _clean_key(key: str) -> str:
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        key = key.replace(wrapper, "")
+    return key.removeprefix("module.")

@@ -1,0 +1,94 @@
+"""Rank-0 training logs: JSONL metrics, TensorBoard scalars, the reference's reward text files,
+sample grids every N steps and a reward-curve PNG at the end. Every file is written atomically or
+appended one whole line at a time."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from g2rpo.io import atomic_write_bytes
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, reward_names: list[str], enabled: bool = True):
+        self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.reward_names = reward_names
+        self.history: list[dict] = []
+        self.writer = None
+        if enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(record)
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step":
+                self.writer.add_scalar(key, value, step)
+        # the reference's per-reward logs of the anchor sample's reward, one line per step
+        for name in self.reward_names:
+            key = f"eval_reward/{name}"
+            if key in record:
+                file = "clip_reward.txt" if name == "clip_score" else f"{name}_reward.txt"
+                with open(self.out_dir / file, "a", encoding="utf-8") as f:
+                    f.write(f"{step} {record[key]:.6f}\n")
+
+    def save_grid(self, step: int, images: torch.Tensor) -> Path | None:
+        """A PNG grid of images ``[M, 3, H, W]`` in [0, 1] -> samples/step_XXXXX.png."""
+        if not self.enabled:
+            return None
+        from PIL import Image
+        from torchvision.utils import make_grid
+
+        grid = make_grid(images.float().cpu(), nrow=min(4, len(images)), padding=2)
+        array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        path = self.out_dir / "samples" / f"step_{step:05d}.png"
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.writer.close()
+        self.plot_reward_curve()
+
+    def plot_reward_curve(self) -> Path | None:
+        keys = [f"eval_reward/{n}" for n in self.reward_names]
+        rows = [r for r in self.history if all(k in r for k in keys)]
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+        steps = [r["step"] for r in rows]
+        for ax, key in zip(axes[0], keys):
+            ax.plot(steps, [r[key] for r in rows], lw=1, alpha=0.5, label="anchor sample")
+            train_key = key.replace("eval_reward", "reward")
+            if all(train_key in r for r in rows):
+                ax.plot(steps, [r[train_key] for r in rows], lw=1.5, label="completions (mean)")
+            ax.set_xlabel("step")
+            ax.set_title(key.split("/", 1)[1])
+            ax.legend()
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        path = self.out_dir / "reward_curve.png"
+        atomic_write_bytes(path, buffer.getvalue())
+        return path

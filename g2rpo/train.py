@@ -1,0 +1,67 @@
+"""Train FLUX with G2RPO: the entry point the launchers start under torchrun.
+
+    torchrun --nproc_per_node=2 -m g2rpo.train --config configs/tiny.yaml
+    torchrun --nnodes=2 --nproc_per_node=8 ... -m g2rpo.train --config configs/g2rpo_hps.yaml max_steps=301
+    python -m g2rpo.train --config configs/g2rpo_hps.yaml --dry-run --nnodes 2 --nproc-per-node 8
+
+Positional ``section.field=value`` arguments override the YAML. ``--dry-run`` validates the config
+and prints the resolved world (nodes, ranks, groups per rank, steps, updates) without a GPU.
+"""
+
+import argparse
+
+from g2rpo.config import TrainConfig, load_config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="G2RPO training")
+    parser.add_argument("--config", required=True, help="YAML file under configs/")
+    parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved run and exit")
+    parser.add_argument("--nnodes", type=int, default=None, help="for --dry-run: nodes (default: $NNODES or 1)")
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="for --dry-run: processes per node (default: $NPROC_PER_NODE or 1)")
+    return parser.parse_args(argv)
+
+
+def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
+    s, world = cfg.sampling, nnodes * nproc_per_node
+    groups = world * cfg.data.prompts_per_rank
+    k = len(s.branch_steps)
+    lines = [
+        f"world: {nnodes} node(s) x {nproc_per_node} process(es) = {world} rank(s), engine {cfg.engine.kind}",
+        f"per step: {cfg.data.prompts_per_rank} prompt group(s) per rank, {groups} in all, "
+        f"{s.group_size} generations each at {s.height}x{s.width}",
+        f"sampling: T={s.num_steps}, shift={s.shift}, eta={s.eta}, K={s.branch_steps}, G={s.granularities}, "
+        f"order={s.order}",
+        f"rewards: {', '.join(f'{r.name} (weight {r.weight})' for r in cfg.rewards)}",
+        f"steps: {cfg.max_steps}, optimiser updates: {cfg.max_steps * k} ({k} per step), lr {cfg.optim.lr}, "
+        f"clip_range {cfg.ppo.clip_range}",
+        f"checkpoints: every {cfg.checkpoint_every} steps from step {cfg.checkpoint_start} and the last, "
+        f"to {cfg.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    import os
+
+    args = parse_args(argv)
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.dry_run:
+        nnodes = args.nnodes or int(os.environ.get("NNODES", "1"))
+        nproc = args.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1"))
+        print(describe(cfg, nnodes, nproc))
+        return
+
+    from g2rpo.distributed import init_distributed, print0, teardown
+    from g2rpo.trainer import Trainer
+
+    info = init_distributed(None if cfg.engine.device == "auto" else cfg.engine.device)
+    print0(describe(cfg, int(os.environ.get("NNODES", "1")), info.world_size // int(os.environ.get("NNODES", "1"))))
+    Trainer(cfg, info).fit()
+    teardown(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The G2RPO training step and loop: rollout -> decode -> reward -> MGAI -> per-branch PPO updates.
+
+One `Trainer` serves every reward combination (HPS, HPS + CLIP, ...): rewards are config. Each step,
+every rank rolls out ``data.prompts_per_rank`` prompt groups (§3), decodes and scores every
+completion with every reward (§3.5), integrates the advantages (§4), then makes one optimiser
+update per branching step k (§5). Checkpoints are exported in diffusers format under
+``output_dir/checkpoint-<step>/transformer``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from g2rpo.advantages import mgai_advantages
+from g2rpo.config import TrainConfig, to_dict
+from g2rpo.data import EmbeddingDataset, GroupSchedule
+from g2rpo.distributed import DistInfo, PolicyEngine, all_reduce, barrier
+from g2rpo.io import atomic_directory, atomic_write_text
+from g2rpo.loss import ppo_clip_loss
+from g2rpo.metrics import MetricsLogger
+from g2rpo.models import decode_latents, load_transformer, load_vae
+from g2rpo.rewards import build_reward
+from g2rpo.rollout import PromptEmbedding, RolloutResult, policy_log_probs, singular_sde_rollout
+
+
+@dataclass
+class Group:
+    """One prompt group of this rank's step: its conditioning, rollout and rewards."""
+
+    position: int  # global position in the data schedule (keys the sampling seed)
+    caption: str
+    embedding: PromptEmbedding
+    rollout: RolloutResult
+    rewards: torch.Tensor | None = None  # [R, G, N, K]
+    anchor_rewards: torch.Tensor | None = None  # [R]
+    anchor_image: torch.Tensor | None = None  # [3, H, W]
+
+
+@dataclass
+class TrainState:
+    """Everything that advances during training (the rest is rebuilt from the config)."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def group_seed(seed: int, position: int) -> int:
+    """Sampling seed of the prompt group at a schedule position: independent of rank and world size."""
+    return (seed * 1_000_003 + position) % (2**63 - 1)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        torch.manual_seed(cfg.seed)
+        device = info.device
+        transformer = load_transformer(cfg.models.flux.path, "float32", subfolder="transformer")
+        dims = (transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim)
+        self.vae = load_vae(cfg.models.flux.path, cfg.models.flux.dtype).to(device).eval().requires_grad_(False)
+        self.rewards = {spec.name: build_reward(spec.name, cfg.models, device) for spec in cfg.rewards}
+        self.reward_weights = torch.tensor([spec.weight for spec in cfg.rewards])
+        self.dataset = EmbeddingDataset(cfg.data.index, dims)
+        self.schedule = GroupSchedule(len(self.dataset), info.world_size, cfg.data.prompts_per_rank, cfg.seed,
+                                      cfg.data.shuffle)
+        num_updates = cfg.max_steps * len(cfg.sampling.branch_steps)
+        self.engine = PolicyEngine(transformer, cfg.engine, cfg.optim, num_updates, info)
+        self.state = TrainState()
+        self.out_dir = Path(cfg.output_dir)
+        self.logger = MetricsLogger(self.out_dir, list(self.rewards), enabled=info.is_main)
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    # ---------------------------------------------------------------- phases of a step
+
+    def rollout(self, step: int) -> list[Group]:
+        groups = []
+        module = self.engine.module
+        module.eval()
+        for position in self.schedule.positions(step, self.info.rank):
+            embedding, caption = self.dataset[self.schedule.item(position)]
+            embedding = PromptEmbedding(*(t.to(self.info.device) for t in
+                                          (embedding.prompt_embeds, embedding.pooled_prompt_embeds, embedding.text_ids)))
+            generator = torch.Generator().manual_seed(group_seed(self.cfg.seed, position))
+            with self.engine.autocast():
+                result = singular_sde_rollout(module, embedding, self.cfg.sampling, generator, device=self.info.device)
+            groups.append(Group(position, caption, embedding, result))
+        module.train()
+        return groups
+
+    def score(self, groups: list[Group]) -> None:
+        """Decode every completion and each anchor's final latent; score them with every reward."""
+        s = self.cfg.sampling
+        for group in groups:
+            r = group.rollout
+            n, k, g = r.completions.shape[:3]
+            latents = torch.cat([r.completions.reshape(n * k * g, *r.completions.shape[3:]), r.anchor_final[None]])
+            images = decode_latents(self.vae, latents, s.height, s.width, self.cfg.decode_batch_size)
+            prompts = [group.caption] * len(images)
+            scores = torch.stack([reward.score(images, prompts) for reward in self.rewards.values()]).cpu()
+            group.rewards = scores[:, :-1].reshape(-1, n, k, g).permute(0, 3, 1, 2)  # [R, G, N, K]
+            group.anchor_rewards = scores[:, -1]
+            group.anchor_image = images[-1].cpu()
+
+    def advantages(self, groups: list[Group]) -> torch.Tensor:
+        """``[groups·N, K]``: MGAI over every group of this rank (each group normalised on its own)."""
+        rewards = torch.cat([group.rewards for group in groups], dim=2)
+        return mgai_advantages(rewards, self.cfg.sampling.group_size, self.cfg.ppo.adv_clip_max, self.reward_weights)
+
+    def update(self, groups: list[Group], advantages: torch.Tensor) -> dict[str, float]:
+        """One optimiser update per branching step k, in order (§5)."""
+        n = self.cfg.sampling.group_size
+        losses, clip_fracs, kls, norms = [], [], [], []
+        for ki in range(len(self.cfg.sampling.branch_steps)):
+            group_losses, group_stats = [], []
+            for gi, group in enumerate(groups):
+                with self.engine.autocast():
+                    new = policy_log_probs(self.engine.module, group.embedding, group.rollout, ki, self.cfg.sampling)
+                loss, stats = ppo_clip_loss(new, group.rollout.old_log_probs[:, ki], advantages[gi * n:(gi + 1) * n, ki],
+                                            self.cfg.ppo.clip_range)
+                group_losses.append(loss)
+                group_stats.append(stats)
+            loss = torch.stack(group_losses).mean()
+            self.engine.backward(loss)
+            norms.append(self.engine.step())
+            losses.append(loss.detach())
+            clip_fracs.append(torch.stack([s["clip_frac"] for s in group_stats]).mean())
+            kls.append(torch.stack([s["approx_kl"] for s in group_stats]).mean())
+        return {
+            "loss": all_reduce(torch.stack(losses).mean().cpu()).item(),
+            "clip_frac": all_reduce(torch.stack(clip_fracs).mean().cpu()).item(),
+            "approx_kl": all_reduce(torch.stack(kls).mean().cpu()).item(),
+            "grad_norm": torch.stack(norms).mean().item(),
+            "lr": self.engine.scheduler.get_last_lr()[0],
+        }
+
+    def train_step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        groups = self.rollout(step)
+        t1 = time.perf_counter()
+        self.score(groups)
+        t2 = time.perf_counter()
+        metrics = self.update(groups, self.advantages(groups))
+        t3 = time.perf_counter()
+        for ri, name in enumerate(self.rewards):
+            metrics[f"reward/{name}"] = all_reduce(torch.stack([g.rewards[ri].mean() for g in groups]).mean()).item()
+            metrics[f"eval_reward/{name}"] = all_reduce(torch.stack([g.anchor_rewards[ri] for g in groups]).mean()).item()
+        metrics.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2, step_time=t3 - t0,
+                       rollout_calls=sum(g.rollout.num_calls for g in groups),
+                       sample_forwards=sum(g.rollout.num_sample_forwards for g in groups))
+        if self.cfg.sample_every and step % self.cfg.sample_every == 0:
+            self.logger.save_grid(step, torch.stack([g.anchor_image for g in groups]))
+        return metrics
+
+    # ---------------------------------------------------------------- checkpoints and the loop
+
+    def should_checkpoint(self, step: int) -> bool:
+        last = step == self.cfg.max_steps - 1
+        periodic = step >= self.cfg.checkpoint_start and (step - self.cfg.checkpoint_start) % self.cfg.checkpoint_every == 0
+        return last or periodic
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Export ``checkpoint-<step>/transformer`` (diffusers format). Collective: every rank calls it."""
+        from huggingface_hub import save_torch_state_dict
+
+        state = self.engine.full_state_dict()
+        path = self.out_dir / f"checkpoint-{step}"
+        if self.info.is_main:
+            dtype = torch.float32 if self.cfg.save_dtype == "float32" else torch.bfloat16
+            with atomic_directory(path) as tmp:
+                self.engine.raw.save_config(tmp / "transformer")
+                save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, tmp / "transformer",
+                                      filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                                      max_shard_size="10GB")
+                atomic_write_text(tmp / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        barrier()
+        return path
+
+    def fit(self) -> TrainState:
+        from tqdm import tqdm
+
+        bar = tqdm(range(self.state.step, self.cfg.max_steps), disable=not self.info.is_main, desc="g2rpo",
+                   dynamic_ncols=True)
+        for step in bar:
+            metrics = self.train_step(step)
+            self.state.history.append({"step": step, **metrics})
+            self.logger.log(step, metrics)
+            rewards = " ".join(f"{k.split('/')[1]}={metrics[k]:.4f}" for k in metrics if k.startswith("eval_reward/"))
+            bar.set_postfix_str(f"loss={metrics['loss']:.3g} {rewards} {metrics['step_time']:.1f}s/step")
+            self.state.step = step + 1
+            if self.should_checkpoint(step):
+                self.save_checkpoint(step)
+        self.logger.close()
+        return self.state
