@@ -191,6 +191,8 @@ class EngineConfig:
     """recompute each FLUX block's activations in the backward pass."""
     device: str = "auto"
     """auto (cuda if available) | cuda | cpu."""
+    offload: bool = False
+    """DeepSpeed only: keep optimiser states (and, at ZeRO-3, parameters) in CPU memory."""
 
     def __post_init__(self):
         if self.kind not in ("fsdp", "deepspeed", "ddp"):
@@ -202,6 +204,8 @@ class EngineConfig:
             raise ValueError(f"engine.zero_stage={self.zero_stage}: expected 2 or 3")
         if self.mixed_precision not in ("bf16", "no"):
             raise ValueError(f"engine.mixed_precision={self.mixed_precision!r}: expected bf16 or no")
+        if self.offload and self.kind != "deepspeed":
+            raise ValueError(f"engine.offload=true needs engine.kind=deepspeed (got {self.kind!r})")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"engine.device={self.device!r}: expected auto, cuda or cpu")
 
@@ -213,8 +217,12 @@ class DataConfig:
     prompts_per_rank: int = 1
     """prompt groups each rank rolls out per step (the reference: 1)."""
     shuffle: bool = True
+    holdout: int = 0
+    """the last `holdout` prompts of the index are never trained on; they are the evaluation set."""
 
     def __post_init__(self):
+        if self.holdout < 0:
+            raise ValueError(f"data.holdout={self.holdout}: must be >= 0")
         if self.prompts_per_rank < 1:
             raise ValueError(f"data.prompts_per_rank={self.prompts_per_rank}: must be >= 1")
 
@@ -241,6 +249,9 @@ class TrainConfig:
     """write a PNG grid of this rank-0 step's anchor samples every N steps (0 = never)."""
     decode_batch_size: int = 16
     """VAE decodes per call when scoring completions."""
+    eval_every: int = 0
+    """every N steps (and before the first and after the last), the mean reward of deterministic samples of
+    the held-out prompts (data.holdout) is logged as heldout/<reward> (0 = never)."""
 
     def __post_init__(self):
         if not self.rewards:
@@ -254,6 +265,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every={self.checkpoint_every}: must be >= 1")
         if self.save_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"save_dtype={self.save_dtype!r}: expected float32 or bfloat16")
+        if self.eval_every and not self.data.holdout:
+            raise ValueError(f"eval_every={self.eval_every} needs held-out prompts: set data.holdout > 0")
         if self.decode_batch_size < 1:
             raise ValueError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
 
@@ -309,6 +322,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML reads "1e-3" (no dot) as a string; accept what Python reads as a float
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
         raise ValueError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value

@@ -101,6 +101,18 @@ class EmbeddingDataset:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def split(self, holdout: int) -> tuple["EmbeddingDataset", "EmbeddingDataset | None"]:
+        """``(train, heldout)``: the last ``holdout`` entries form the held-out set (None when 0)."""
+        if holdout == 0:
+            return self, None
+        if holdout >= len(self.entries):
+            raise ValueError(f"{self.index_path}: data.holdout={holdout} leaves no training prompts "
+                             f"(the index has {len(self.entries)})")
+        train, held = object.__new__(EmbeddingDataset), object.__new__(EmbeddingDataset)
+        for part, entries in ((train, self.entries[:-holdout]), (held, self.entries[-holdout:])):
+            part.index_path, part.dims, part.entries = self.index_path, self.dims, entries
+        return train, held
+
     def caption(self, i: int) -> str:
         return self.entries[i]["caption"]
 

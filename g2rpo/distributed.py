@@ -153,10 +153,15 @@ class PolicyEngine:
                 "gradient_accumulation_steps": 1,
                 "gradient_clipping": optim_cfg.max_grad_norm,
                 "zero_optimization": {"stage": engine_cfg.zero_stage},
+                "zero_force_ds_cpu_optimizer": False,
                 "zero_allow_untested_optimizer": True,
                 "steps_per_print": 2**31 - 1,
                 "wall_clock_breakdown": False,
             }
+            if engine_cfg.offload:
+                ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+                if engine_cfg.zero_stage == 3:
+                    ds_config["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
             base = adamw(model.parameters())  # a torch optimizer: no FusedAdam compilation
             self.module, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=base, config=ds_config, dist_init_required=False)

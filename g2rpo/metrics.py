@@ -19,6 +19,7 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.reward_names = reward_names
         self.history: list[dict] = []
+        self.heldout: list[dict] = []
         self.writer = None
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -43,6 +44,19 @@ class MetricsLogger:
                 file = "clip_reward.txt" if name == "clip_score" else f"{name}_reward.txt"
                 with open(self.out_dir / file, "a", encoding="utf-8") as f:
                     f.write(f"{step} {record[key]:.6f}\n")
+
+    def log_heldout(self, step: int, rewards: dict[str, float]) -> None:
+        """Held-out evaluation (``step`` = optimiser steps taken so far): JSONL, TensorBoard, heldout_reward.txt."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{f"heldout/{k}": v for k, v in rewards.items()}}
+        self.heldout.append(record)
+        with open(self.out_dir / "heldout.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        with open(self.out_dir / "heldout_reward.txt", "a", encoding="utf-8") as f:
+            f.write(f"{step} " + " ".join(f"{k}={v:.6f}" for k, v in rewards.items()) + "\n")
+        for key, value in rewards.items():
+            self.writer.add_scalar(f"heldout/{key}", value, step)
 
     def save_grid(self, step: int, images: torch.Tensor) -> Path | None:
         """A PNG grid of images ``[M, 3, H, W]`` in [0, 1] -> samples/step_XXXXX.png."""
@@ -82,6 +96,9 @@ class MetricsLogger:
             train_key = key.replace("eval_reward", "reward")
             if all(train_key in r for r in rows):
                 ax.plot(steps, [r[train_key] for r in rows], lw=1.5, label="completions (mean)")
+            held = [(r["step"], r[f"heldout/{key.split('/', 1)[1]}"]) for r in self.heldout]
+            if held:
+                ax.plot(*zip(*held), "o-", lw=2, label="held-out prompts")
             ax.set_xlabel("step")
             ax.set_title(key.split("/", 1)[1])
             ax.legend()

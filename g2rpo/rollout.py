@@ -185,6 +185,39 @@ def _complete_one(velocity: VelocityField, x: torch.Tensor, sigmas: torch.Tensor
     return pred_x0
 
 
+def anchor_trajectory(velocity: VelocityField, start: torch.Tensor, sigmas: torch.Tensor, keep=()):
+    """Deterministic Euler ODE trajectory ``[a_0 = start, ..., a_T]`` of one latent ``[L, C]``.
+
+    Returns the list of latents and ``{i: v_i}`` for the indices in ``keep`` (the branching steps).
+    """
+    anchors, velocities = [start], {}
+    for i in range(len(sigmas) - 1):
+        v = velocity(anchors[-1][None], sigmas[i])
+        if i in keep:
+            velocities[i] = v[0]
+        anchors.append(ode_step(v, anchors[-1][None], sigmas, i)[0][0])
+    return anchors, velocities
+
+
+def start_noise(generator: torch.Generator, packed_channels: int, height: int, width: int) -> torch.Tensor:
+    """One start latent ``[1, L, C]``, drawn in the unpacked ``[1, C/4, H/8, W/8]`` layout as FluxPipeline does."""
+    h, w = latent_size(height, width)
+    return pack_latents(torch.randn((1, packed_channels // 4, h, w), generator=generator, dtype=torch.float32))
+
+
+@torch.no_grad()
+def ode_sample(policy, embedding: PromptEmbedding, cfg: SamplingConfig, generator: torch.Generator,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """The anchor's final latent ``[L, C]`` alone: deterministic sampling, for evaluation."""
+    device = torch.device(device) if device is not None else embedding.prompt_embeds.device
+    config = getattr(policy, "config", None)
+    packed_channels = config["in_channels"] if config is not None and "in_channels" in config else 64
+    h, w = latent_size(cfg.height, cfg.width)
+    velocity = VelocityField(policy, embedding, latent_image_ids(h, w, device=device), cfg.guidance)
+    start = start_noise(generator, packed_channels, cfg.height, cfg.width).to(device)
+    return anchor_trajectory(velocity, start[0], sigma_schedule(cfg.num_steps, cfg.shift).to(device))[0][-1]
+
+
 @torch.no_grad()
 def singular_sde_rollout(policy, embedding: PromptEmbedding, cfg: SamplingConfig, generator: torch.Generator,
                          compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None
@@ -199,8 +232,7 @@ def singular_sde_rollout(policy, embedding: PromptEmbedding, cfg: SamplingConfig
     sigmas = sigma_schedule(cfg.num_steps, cfg.shift).to(device)
 
     # All randomness up front, in a fixed order: the shared start noise, then one ξ per (k, n).
-    start = torch.randn((1, packed_channels // 4, h, w), generator=generator, dtype=torch.float32)
-    start = pack_latents(start).to(device)
+    start = start_noise(generator, packed_channels, cfg.height, cfg.width).to(device)
     tokens = start.shape[1]
     branch_noise = torch.randn((len(ks), n, tokens, packed_channels), generator=generator, dtype=torch.float32)
     branch_noise = branch_noise.to(device)
@@ -208,13 +240,7 @@ def singular_sde_rollout(policy, embedding: PromptEmbedding, cfg: SamplingConfig
     velocity = VelocityField(policy, embedding, latent_image_ids(h, w, device=device), cfg.guidance,
                              cfg.micro_batch, compute_dtype)
 
-    # Anchor: deterministic ODE trajectory; keep the velocities at the branching steps.
-    anchors, anchor_velocity = [start[0]], {}
-    for i in range(cfg.num_steps):
-        v = velocity(anchors[-1][None], sigmas[i])
-        if i in ks:
-            anchor_velocity[i] = v[0]
-        anchors.append(ode_step(v, anchors[-1][None], sigmas, i)[0][0])
+    anchors, anchor_velocity = anchor_trajectory(velocity, start[0], sigmas, keep=ks)
 
     next_latents = torch.empty((n, len(ks), tokens, packed_channels), device=device)
     old_log_probs = torch.empty((n, len(ks)), device=device)

@@ -25,7 +25,7 @@ from g2rpo.loss import ppo_clip_loss
 from g2rpo.metrics import MetricsLogger
 from g2rpo.models import decode_latents, load_transformer, load_vae
 from g2rpo.rewards import build_reward
-from g2rpo.rollout import PromptEmbedding, RolloutResult, policy_log_probs, singular_sde_rollout
+from g2rpo.rollout import PromptEmbedding, RolloutResult, ode_sample, policy_log_probs, singular_sde_rollout
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Trainer:
         self.vae = load_vae(cfg.models.flux.path, cfg.models.flux.dtype).to(device).eval().requires_grad_(False)
         self.rewards = {spec.name: build_reward(spec.name, cfg.models, device) for spec in cfg.rewards}
         self.reward_weights = torch.tensor([spec.weight for spec in cfg.rewards])
-        self.dataset = EmbeddingDataset(cfg.data.index, dims)
+        self.dataset, self.heldout = EmbeddingDataset(cfg.data.index, dims).split(cfg.data.holdout)
         self.schedule = GroupSchedule(len(self.dataset), info.world_size, cfg.data.prompts_per_rank, cfg.seed,
                                       cfg.data.shuffle)
         num_updates = cfg.max_steps * len(cfg.sampling.branch_steps)
@@ -157,6 +157,30 @@ class Trainer:
             self.logger.save_grid(step, torch.stack([g.anchor_image for g in groups]))
         return metrics
 
+    @torch.no_grad()
+    def evaluate(self, dataset: EmbeddingDataset, seed: int = 0) -> dict[str, float]:
+        """Mean reward of deterministic (ODE) samples of every prompt in ``dataset`` (same noise per prompt).
+
+        Collective under FSDP/DeepSpeed: every rank must call it (prompts are split across ranks).
+        """
+        s = self.cfg.sampling
+        module = self.engine.module
+        module.eval()
+        totals = torch.zeros(len(self.rewards))
+        count = torch.zeros(())
+        for i in range(self.info.rank, len(dataset), self.info.world_size):
+            embedding, caption = dataset[i]
+            embedding = PromptEmbedding(*(t.to(self.info.device) for t in
+                                          (embedding.prompt_embeds, embedding.pooled_prompt_embeds, embedding.text_ids)))
+            with self.engine.autocast():
+                latent = ode_sample(module, embedding, s, torch.Generator().manual_seed(seed + i), self.info.device)
+            image = decode_latents(self.vae, latent[None], s.height, s.width)
+            totals += torch.stack([reward.score(image, [caption])[0].cpu() for reward in self.rewards.values()])
+            count += 1
+        module.train()
+        totals, count = all_reduce(totals, "sum"), all_reduce(count, "sum")
+        return {name: (totals[i] / count).item() for i, name in enumerate(self.rewards)}
+
     # ---------------------------------------------------------------- checkpoints and the loop
 
     def should_checkpoint(self, step: int) -> bool:
@@ -186,6 +210,8 @@ class Trainer:
 
         bar = tqdm(range(self.state.step, self.cfg.max_steps), disable=not self.info.is_main, desc="g2rpo",
                    dynamic_ncols=True)
+        if self.cfg.eval_every and self.state.step == 0:
+            self.logger.log_heldout(0, self.evaluate(self.heldout))
         for step in bar:
             metrics = self.train_step(step)
             self.state.history.append({"step": step, **metrics})
@@ -193,6 +219,8 @@ class Trainer:
             rewards = " ".join(f"{k.split('/')[1]}={metrics[k]:.4f}" for k in metrics if k.startswith("eval_reward/"))
             bar.set_postfix_str(f"loss={metrics['loss']:.3g} {rewards} {metrics['step_time']:.1f}s/step")
             self.state.step = step + 1
+            if self.cfg.eval_every and (self.state.step % self.cfg.eval_every == 0 or step == self.cfg.max_steps - 1):
+                self.logger.log_heldout(self.state.step, self.evaluate(self.heldout))
             if self.should_checkpoint(step):
                 self.save_checkpoint(step)
         self.logger.close()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Shared launcher of the finetune_*.sh scripts: starts `torchrun -m g2rpo.train` for one node.
+#
+#   CONFIG=configs/g2rpo_hps.yaml NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC_PER_NODE=8 \
+#     bash scripts/finetune/launch.sh [section.field=value ...]
+#
+# Multi-node: run the same command on every node with its own NODE_RANK (0..NNODES-1) and the
+# same MASTER_ADDR / MASTER_PORT. DRY_RUN=1 validates the config and prints the resolved world
+# (nodes, ranks, groups, steps) without starting any process or needing a GPU.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+[ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
+: "${CONFIG:?set CONFIG to a YAML file under configs/}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+export NNODES NPROC_PER_NODE TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  exec python -m g2rpo.train --config "$CONFIG" --dry-run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "$@"
+fi
+if [ "$NNODES" = "1" ]; then
+  exec torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m g2rpo.train --config "$CONFIG" "$@"
+fi
+exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" -m g2rpo.train --config "$CONFIG" "$@"
