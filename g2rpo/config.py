@@ -55,10 +55,19 @@ class ClipScoreModelConfig:
 
 
 @dataclass
+class PickScoreModelConfig:
+    model: str = "ckpt/pickscore"
+    """transformers CLIPModel folder of yuvalkirstain/PickScore_v1 (evaluation only)."""
+    processor: str = "ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """folder with the CLIPProcessor files PickScore uses (the laion ViT-H-14 repo carries them)."""
+
+
+@dataclass
 class ModelsConfig:
     flux: FluxModelConfig = field(default_factory=FluxModelConfig)
     hps: HPSModelConfig = field(default_factory=HPSModelConfig)
     clip_score: ClipScoreModelConfig = field(default_factory=ClipScoreModelConfig)
+    pickscore: PickScoreModelConfig = field(default_factory=PickScoreModelConfig)
 
 
 # --------------------------------------------------------------------------------------------

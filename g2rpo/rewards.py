@@ -177,14 +177,64 @@ class OpenClipReward:
         return torch.cat(scores)
 
 
-def build_reward(name: str, models, device: str | torch.device = "cpu") -> OpenClipReward:
-    """Reward model by name: ``hps`` (HPS-v2.1) or ``clip_score``; ``models`` is a `ModelsConfig`."""
+class PickScoreReward:
+    """PickScore (evaluation only): ``logit_scale.exp() · cos(image, text)`` of a transformers CLIPModel.
+
+    Images go through the model's own ``CLIPProcessor`` (PIL, in memory): this metric is never on
+    the training path, so it is computed exactly as its authors do. Typical values are ~20-23.
+    """
+
+    def __init__(self, model_dir: str | Path, processor_dir: str | Path, device: str | torch.device = "cpu",
+                 batch_size: int = 32):
+        from transformers import CLIPModel, CLIPProcessor
+
+        for path, what in ((model_dir, "PickScore model"), (processor_dir, "PickScore processor")):
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"{what}: directory not found: {path}")
+        self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+        self.processor = CLIPProcessor.from_pretrained(processor_dir, local_files_only=True)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from PIL import Image
+
+        if images.dim() != 4 or images.shape[1] != 3 or len(prompts) != images.shape[0]:
+            raise ValueError(f"expected [B, 3, H, W] images and B prompts, got {tuple(images.shape)} and {len(prompts)}")
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = (images[start:start + self.batch_size].float().clamp(0, 1) * 255).round().to(torch.uint8)
+            pil = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in chunk]
+            pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device)
+            text = self.processor(text=list(prompts[start:start + self.batch_size]), padding=True, truncation=True,
+                                  max_length=77, return_tensors="pt").to(self.device)
+            image_features = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
+            text_features = F.normalize(_features(self.model.get_text_features(**text)), dim=-1)
+            scores.append(self.model.logit_scale.exp() * (image_features * text_features).sum(-1))
+        return torch.cat(scores).float()
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 5 returns a model output from get_*_features; older versions a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def build_reward(name: str, models, device: str | torch.device = "cpu"):
+    """Reward model by name (``REWARD_NAMES``); ``models`` is a `ModelsConfig`. All have ``score(images, prompts)``.
+
+    To add a metric (e.g. UnifiedReward, a VLM judge): implement ``score(images [B,3,H,W] in [0,1],
+    prompts) -> Tensor[B]``, add its paths to ``ModelsConfig`` and a branch here.
+    """
     if name == "hps":
         bundle = load_hps_model(models.hps.arch, models.hps.base_dir, models.hps.checkpoint)
         return OpenClipReward(bundle, device, resize_mode="longest_pad")
     if name == "clip_score":
         return OpenClipReward(load_clip_score_model(models.clip_score.path), device)
+    if name == "pickscore":
+        return PickScoreReward(models.pickscore.model, models.pickscore.processor, device)
     raise ValueError(f"unknown reward {name!r}; available: {', '.join(REWARD_NAMES)}")
 
 
-REWARD_NAMES = ("hps", "clip_score")
+REWARD_NAMES = ("hps", "clip_score", "pickscore")
+TRAINING_REWARDS = ("hps", "clip_score")  # scored on tensors, batched: usable inside the training step

@@ -236,13 +236,35 @@ def write_hps_folder(directory: Path, seed: int) -> None:
         atomic_write_bytes(tmp / "HPS_v2.1_compressed.pt", buffer.getvalue())
 
 
+def write_pickscore_folder(directory: Path, seed: int) -> None:
+    """A transformers ``CLIPModel`` + ``CLIPProcessor`` folder, the layout of PickScore_v1 and its processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 49406,
+                     "eos_token_id": 49407, "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 224, "patch_size": 32},
+        projection_dim=32,
+    )
+    model = CLIPModel(config).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                         image_mean=CLIP_PREPROCESS_CFG["mean"], image_std=CLIP_PREPROCESS_CFG["std"])
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer())
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+
 # --------------------------------------------------------------------------------------------
 # Everything
 # --------------------------------------------------------------------------------------------
 
 
 def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int = 0, force: bool = False) -> dict:
-    """Write ``flux/``, ``hps/`` and ``clip_score/`` under ``out_dir``; skip parts that already exist.
+    """Write ``flux/``, ``hps/``, ``clip_score/`` and ``pickscore/`` under ``out_dir``; skip existing parts.
 
     Each part is built in a temporary directory and renamed into place, so an interrupted run never
     leaves a half-written checkpoint behind. Returns ``{part: path}``.
@@ -253,6 +275,7 @@ def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int 
         "flux": lambda d: _write_pipeline(build_tiny_flux_pipeline(prompts, seed), d),
         "hps": lambda d: write_hps_folder(d, seed + 10),
         "clip_score": lambda d: write_open_clip_folder(build_tiny_open_clip(seed + 20), d),
+        "pickscore": lambda d: write_pickscore_folder(d, seed + 30),
     }
     written = {}
     for name, build in parts.items():

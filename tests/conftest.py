@@ -37,7 +37,8 @@ def tiny_models(tiny_ckpt) -> ModelsConfig:
     """configs/models/tiny.yaml with its ``ckpt/tiny`` paths pointed at the session's build."""
     config = load_config(ModelsConfig, ROOT / "configs" / "models" / "tiny.yaml")
     overrides = []
-    for section, key in (("flux", "path"), ("hps", "base_dir"), ("hps", "checkpoint"), ("clip_score", "path")):
+    for section, key in (("flux", "path"), ("hps", "base_dir"), ("hps", "checkpoint"), ("clip_score", "path"),
+                         ("pickscore", "model"), ("pickscore", "processor")):
         value = getattr(getattr(config, section), key)
         assert value.startswith("ckpt/tiny/"), f"tiny.yaml {section}.{key} should live under ckpt/tiny/"
         overrides.append(f"{section}.{key}={tiny_ckpt / value.removeprefix('ckpt/tiny/')}")

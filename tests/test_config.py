@@ -31,7 +31,8 @@ def test_reference_yaml_equals_defaults():
 def test_tiny_yaml_differs_only_in_paths_and_arch():
     tiny, real = to_dict(load_config(ModelsConfig, ROOT / "configs" / "models" / "tiny.yaml")), to_dict(ModelsConfig())
     assert tiny["hps"]["arch"] != real["hps"]["arch"]
-    assert all(str(v).startswith("ckpt/tiny/") for k, v in {**tiny["hps"], **tiny["clip_score"]}.items() if k != "arch")
+    paths = {**tiny["hps"], **tiny["clip_score"], **tiny["pickscore"]}
+    assert all(str(v).startswith("ckpt/tiny/") for k, v in paths.items() if k != "arch")
     assert tiny["flux"]["path"] == "ckpt/tiny/flux"
 
 

@@ -1,0 +1,161 @@
+"""Evaluation harness: generate with a (trained) FLUX pipeline, score with every metric, summarise.
+
+    torchrun --nproc_per_node=8 scripts/evaluation/evaluate.py --base ckpt/flux \
+        --transformer outputs/g2rpo_hps_clip/checkpoint-300/transformer --prompts data/hpdv2_test_prompts.txt \
+        --models-config configs/models/flux_dev.yaml --out outputs/eval/g2rpo
+
+Prompts are sharded across ranks (prompt i on rank i mod world); prompt i is sampled with seed
+``--seed + i``, so a run is reproducible for any number of ranks. Images are written to
+``<out>/images/NNNNN.png`` and skipped when they already exist (a re-run only re-scores); scores are
+always computed from the saved PNG, so they do not depend on whether an image was just generated.
+Outputs: ``scores.jsonl`` (one line per image), ``summary.md`` / ``summary.csv`` (mean ± std and n,
+in the paper's column order), ``grid.png`` (the first 16 images) and ``settings.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from g2rpo.io import atomic_write_bytes, atomic_write_text
+
+# The paper's table columns, in order. ImageReward and UnifiedReward are not computed (see README).
+METRIC_COLUMNS = {"hps": "HPS-v2.1", "clip_score": "CLIP Score", "pickscore": "PickScore"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate and score images for the evaluation table")
+    p.add_argument("--base", type=Path, required=True, help="diffusers FLUX pipeline folder")
+    p.add_argument("--transformer", type=Path, default=None, help="trained transformer folder (default: the base's)")
+    p.add_argument("--prompts", type=Path, required=True, help="UTF-8 prompt file, one per line")
+    p.add_argument("--models-config", type=Path, default=Path("configs/models/flux_dev.yaml"),
+                   help="where the reward models live (configs/models/*.yaml)")
+    p.add_argument("--metrics", default="hps,clip_score,pickscore", help="comma-separated: " + ",".join(METRIC_COLUMNS))
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--height", type=int, default=720)
+    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in args.metrics if m not in METRIC_COLUMNS]
+    if unknown or not args.metrics:
+        p.error(f"--metrics {unknown or '(empty)'}: choose from {', '.join(METRIC_COLUMNS)}")
+    return args
+
+
+def summarize(records: list[dict], metrics: list[str]) -> list[dict]:
+    """Per metric: mean, sample std and n over the records, in the paper's column order."""
+    rows = []
+    for name in (m for m in METRIC_COLUMNS if m in metrics):
+        values = np.array([r[name] for r in records], dtype=np.float64)
+        std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        rows.append({"metric": METRIC_COLUMNS[name], "mean": float(values.mean()), "std": std, "n": len(values)})
+    return rows
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    header = "| " + " | ".join(r["metric"] for r in rows) + " |"
+    rule = "|" + "---|" * len(rows)
+    cells = "| " + " | ".join(f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})" if not math.isnan(r["std"])
+                              else f"{r['mean']:.4f} (n={r['n']})" for r in rows) + " |"
+    return "\n".join([header, rule, cells]) + "\n"
+
+
+def summary_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["metric", "mean", "std", "n"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _load_png(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)[None]
+
+
+def main(argv=None) -> None:
+    from g2rpo.config import ModelsConfig, load_config
+    from g2rpo.data import read_prompt_file
+    from g2rpo.distributed import barrier, init_distributed, print0, teardown
+    from g2rpo.models import load_flux_pipeline, resolve_dtype
+    from g2rpo.rewards import build_reward
+
+    args = parse_args(argv)
+    prompts = read_prompt_file(args.prompts)[: args.limit]
+    models = load_config(ModelsConfig, args.models_config)
+    info = init_distributed(args.device)
+    images_dir = args.out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    mine = list(range(info.rank, len(prompts), info.world_size))
+    todo = [i for i in mine if not (images_dir / f"{i:05d}.png").is_file()]
+    print(f"rank {info.rank}: {len(mine)} prompts, {len(todo)} to generate", flush=True)
+
+    if todo:
+        pipe = load_flux_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer)
+        pipe = pipe.to(info.device)
+        pipe.set_progress_bar_config(disable=True)
+        for i in todo:
+            generator = torch.Generator(info.device).manual_seed(args.seed + i)
+            image = pipe(prompts[i], height=args.height, width=args.width, num_inference_steps=args.steps,
+                         guidance_scale=args.guidance, generator=generator).images[0]
+            atomic_write_bytes(images_dir / f"{i:05d}.png", _png_bytes(image))
+        del pipe
+
+    rewards = {name: build_reward(name, models, info.device) for name in args.metrics}
+    records = []
+    for i in mine:
+        image = _load_png(images_dir / f"{i:05d}.png")
+        record = {"index": i, "prompt": prompts[i], "image": f"images/{i:05d}.png"}
+        record.update({name: reward.score(image, [prompts[i]])[0].item() for name, reward in rewards.items()})
+        records.append(record)
+    atomic_write_text(args.out / f".scores.rank{info.rank}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    barrier()
+
+    if info.is_main:
+        parts = [args.out / f".scores.rank{r}.jsonl" for r in range(info.world_size)]
+        merged = sorted((json.loads(line) for part in parts for line in part.read_text().splitlines()),
+                        key=lambda r: r["index"])
+        atomic_write_text(args.out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in merged))
+        rows = summarize(merged, args.metrics)
+        atomic_write_text(args.out / "summary.md", summary_markdown(rows))
+        atomic_write_text(args.out / "summary.csv", summary_csv(rows))
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        atomic_write_text(args.out / "settings.json", json.dumps({**settings, "world_size": info.world_size,
+                                                                   "num_prompts": len(prompts)}, indent=2) + "\n")
+        _write_grid(args.out, merged[:16])
+        for part in parts:
+            part.unlink()
+        print0(f"\n{args.out}: {len(merged)} images\n\n{summary_markdown(rows)}")
+    teardown(0)
+
+
+def _write_grid(out: Path, records: list[dict]) -> None:
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    images = torch.cat([_load_png(out / r["image"]) for r in records])
+    grid = make_grid(images, nrow=4, padding=2)
+    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    atomic_write_bytes(out / "grid.png", _png_bytes(Image.fromarray(array)))

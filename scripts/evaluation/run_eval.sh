@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Evaluate a model on a prompt set (torchrun, prompts sharded across processes) and print the table.
+#
+#   bash scripts/evaluation/run_eval.sh                      # tiny models on CPU (builds what is missing)
+#   BASE=ckpt/flux TRANSFORMER=outputs/g2rpo_hps_clip/checkpoint-300/transformer \
+#     PROMPTS=data/hpdv2_test_prompts.txt MODELS=configs/models/flux_dev.yaml NPROC=8 \
+#     OUT=outputs/eval/g2rpo bash scripts/evaluation/run_eval.sh --height 720 --width 720
+#
+# Extra arguments go to scripts/evaluation/evaluate.py (--steps, --guidance, --seed, --metrics, --limit ...).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+[ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+BASE="${BASE:-ckpt/tiny/flux}"
+MODELS="${MODELS:-configs/models/tiny.yaml}"
+PROMPTS="${PROMPTS:-data/example_prompts.txt}"
+OUT="${OUT:-outputs/tiny/eval}"
+NPROC="${NPROC:-2}"
+extra=()
+if [ "$BASE" = "ckpt/tiny/flux" ]; then
+  python scripts/prepare_tiny_checkpoints.py --out ckpt/tiny >/dev/null
+  extra=(--height 64 --width 64 --steps 8 --dtype float32 --device cpu --limit 16)
+fi
+[ -n "${TRANSFORMER:-}" ] && extra+=(--transformer "$TRANSFORMER")
+exec torchrun --standalone --nproc_per_node="$NPROC" scripts/evaluation/evaluate.py \
+  --base "$BASE" --prompts "$PROMPTS" --models-config "$MODELS" --out "$OUT" "${extra[@]}" "$@"
