@@ -258,6 +258,15 @@ class TrainConfig:
     """write a PNG grid of this rank-0 step's anchor samples every N steps (0 = never)."""
     decode_batch_size: int = 16
     """VAE decodes per call when scoring completions."""
+    resume: str = ""
+    """"" (fresh start), "auto" (latest committed checkpoint in output_dir, else fresh), or a checkpoint path."""
+    keep_last: int = 0
+    """keep the resumable state of only the newest N checkpoints (0 = all); exported transformers stay."""
+    verify_checksums: bool = True
+    """check every checkpoint file's SHA-256 before resuming (sizes are always checked)."""
+    max_consecutive_skips: int = 3
+    """stop when more than this many skips happen in a row (a skip: one optimiser update with a non-finite
+    loss or gradient norm, or a whole step with a non-finite reward)."""
     eval_every: int = 0
     """every N steps (and before the first and after the last), the mean reward of deterministic samples of
     the held-out prompts (data.holdout) is logged as heldout/<reward> (0 = never)."""
@@ -276,6 +285,10 @@ class TrainConfig:
             raise ValueError(f"save_dtype={self.save_dtype!r}: expected float32 or bfloat16")
         if self.eval_every and not self.data.holdout:
             raise ValueError(f"eval_every={self.eval_every} needs held-out prompts: set data.holdout > 0")
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last={self.keep_last}: must be >= 0 (0 keeps every checkpoint)")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips={self.max_consecutive_skips}: must be >= 1")
         if self.decode_batch_size < 1:
             raise ValueError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
 

@@ -46,8 +46,25 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=_rendezvous_store(rank, world_size),
+                                rank=rank, world_size=world_size, device_id=dev if use_cuda else None)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _rendezvous_store(rank: int, world_size: int, timeout_minutes: int = 30):
+    """The env:// store, with keys namespaced by torchrun's restart count.
+
+    Under ``torchrun --max-restarts`` the agent's store outlives a failed attempt; without the
+    prefix a restarted rank can read a dead peer's address from the previous attempt and fail to
+    connect (seen with gloo).
+    """
+    from datetime import timedelta
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+                          world_size, is_master=not agent_store and rank == 0,
+                          timeout=timedelta(minutes=timeout_minutes), multi_tenant=not agent_store)
+    return dist.PrefixStore(f"g2rpo/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def is_distributed() -> bool:
@@ -71,6 +88,20 @@ def all_reduce(tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
             out /= dist.get_world_size()
         out = out.to(backend_device)
     return out
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (identity for one process)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank."""
+    return bool(all_reduce(torch.tensor(float(flag)), "max").item() > 0)
 
 
 def print0(*args, **kwargs) -> None:
@@ -188,21 +219,89 @@ class PolicyEngine:
         else:
             loss.backward()
 
-    def step(self) -> torch.Tensor:
-        """Clip the gradient norm, step optimiser and scheduler, zero the gradients; returns the pre-clip norm."""
+    def clip_grad_norm(self) -> torch.Tensor:
+        """Clip the gradients to ``max_grad_norm``; returns the total norm before clipping (same on every rank).
+
+        DeepSpeed clips inside its own step, so there this returns NaN-free 0 and `step` clips.
+        """
+        if self.kind == "deepspeed":
+            return torch.zeros(())
+        if hasattr(self.module, "clip_grad_norm_"):  # FSDP: norm over all shards
+            norm = self.module.clip_grad_norm_(self.max_grad_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        return norm.detach().float().cpu()
+
+    def step(self) -> torch.Tensor | None:
+        """Optimiser and scheduler step, then zero the gradients; returns DeepSpeed's grad norm (else None)."""
+        norm = None
         if self.kind == "deepspeed":
             self.module.step()  # clips by gradient_clipping, steps, zeroes
-            norm = self.module.get_global_grad_norm()
-            norm = torch.tensor(float(norm) if norm is not None else float("nan"))
+            value = self.module.get_global_grad_norm()
+            norm = torch.tensor(float(value) if value is not None else float("nan"))
         else:
-            if hasattr(self.module, "clip_grad_norm_"):  # FSDP: norm over all shards
-                norm = self.module.clip_grad_norm_(self.max_grad_norm)
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return norm.detach().float().cpu()
+        return norm
+
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients without changing any parameter."""
+        if self.kind == "deepspeed":
+            self.module.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ resumable state
+
+    def save_state(self, folder) -> None:
+        """Model + optimiser + LR scheduler into ``folder``. Collective: every rank calls it."""
+        from pathlib import Path
+
+        folder = Path(folder)
+        if self.kind == "fsdp" and self.info.world_size > 1:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optim_state = get_state_dict(self.module, self.optimizer)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / "fsdp"))
+        elif self.kind == "deepspeed":
+            self.module.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+        elif self.info.is_main:
+            from g2rpo.io import save_safetensors
+
+            module = self.module.module if hasattr(self.module, "module") else self.module
+            save_safetensors(module.state_dict(), folder / "model.safetensors")
+            _torch_save_atomic(self.optimizer.state_dict(), folder / "optimizer.pt")
+        if self.info.is_main:
+            _torch_save_atomic(self.scheduler.state_dict(), folder / "scheduler.pt")
+
+    def load_state(self, folder) -> None:
+        from pathlib import Path
+
+        from g2rpo.io import load_state_dict_file
+
+        folder = Path(folder)
+        if self.kind == "fsdp" and self.info.world_size > 1:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_state, optim_state = get_state_dict(self.module, self.optimizer)
+            state = {"model": model_state, "optim": optim_state}
+            dcp.load(state, checkpoint_id=str(folder / "fsdp"))
+            set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+        elif self.kind == "deepspeed":
+            path, _ = self.module.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            if path is None:
+                raise ValueError(f"{folder / 'deepspeed'}: DeepSpeed found no checkpoint to load")
+        else:
+            module = self.module.module if hasattr(self.module, "module") else self.module
+            module.load_state_dict(load_state_dict_file(folder / "model.safetensors", "model state"), strict=True)
+            self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.info.device,
+                                                      weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The unsharded fp32 weights on rank 0 (None on other ranks). Collective: call on every rank."""
@@ -232,6 +331,16 @@ class PolicyEngine:
         if not self.info.is_main:
             return None
         return {_clean_key(k): v.detach().cpu() for k, v in state.items()}
+
+
+def _torch_save_atomic(obj, path) -> None:
+    import io
+
+    from g2rpo.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _clean_key(key: str) -> str:

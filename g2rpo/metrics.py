@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from g2rpo.io import atomic_write_bytes
+from g2rpo.io import atomic_write_bytes, atomic_write_text
 
 
 class MetricsLogger:
@@ -44,6 +44,23 @@ class MetricsLogger:
                 file = "clip_reward.txt" if name == "clip_score" else f"{name}_reward.txt"
                 with open(self.out_dir / file, "a", encoding="utf-8") as f:
                     f.write(f"{step} {record[key]:.6f}\n")
+
+    def truncate(self, step: int) -> None:
+        """On resume: drop log lines of steps >= ``step`` (written after the checkpoint by the stopped run)."""
+        if not self.enabled:
+            return
+        for name in ("metrics.jsonl", "heldout.jsonl"):
+            path = self.out_dir / name
+            if path.is_file():
+                keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < step]
+                atomic_write_text(path, "".join(line + "\n" for line in keep))
+        for path in self.out_dir.glob("*_reward.txt"):
+            keep = [line for line in path.read_text().splitlines() if int(line.split()[0]) < step]
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
+        self.history = [json.loads(line) for line in (self.out_dir / "metrics.jsonl").read_text().splitlines()] \
+            if (self.out_dir / "metrics.jsonl").is_file() else []
+        self.heldout = [json.loads(line) for line in (self.out_dir / "heldout.jsonl").read_text().splitlines()] \
+            if (self.out_dir / "heldout.jsonl").is_file() else []
 
     def log_heldout(self, step: int, rewards: dict[str, float]) -> None:
         """Held-out evaluation (``step`` = optimiser steps taken so far): JSONL, TensorBoard, heldout_reward.txt."""

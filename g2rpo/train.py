@@ -18,6 +18,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved run and exit")
+    parser.add_argument("--resume", default=None, help="auto (latest committed checkpoint, else fresh) or a "
+                        "checkpoint folder; same as the override resume=...")
     parser.add_argument("--nnodes", type=int, default=None, help="for --dry-run: nodes (default: $NNODES or 1)")
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="for --dry-run: processes per node (default: $NPROC_PER_NODE or 1)")
@@ -47,7 +49,8 @@ def main(argv=None) -> None:
     import os
 
     args = parse_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    overrides = args.overrides + ([f"resume={args.resume}"] if args.resume else [])
+    cfg = load_config(TrainConfig, args.config, overrides)
     if args.dry_run:
         nnodes = args.nnodes or int(os.environ.get("NNODES", "1"))
         nproc = args.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1"))
@@ -55,11 +58,15 @@ def main(argv=None) -> None:
         return
 
     from g2rpo.distributed import init_distributed, print0, teardown
-    from g2rpo.trainer import Trainer
+    from g2rpo.trainer import Interrupted, Trainer
 
     info = init_distributed(None if cfg.engine.device == "auto" else cfg.engine.device)
     print0(describe(cfg, int(os.environ.get("NNODES", "1")), info.world_size // int(os.environ.get("NNODES", "1"))))
-    Trainer(cfg, info).fit()
+    try:
+        Trainer(cfg, info).fit()
+    except Interrupted as stop:
+        print0(f"{stop}; resume with --resume auto")
+        teardown(stop.exit_code)
     teardown(0)
 
 

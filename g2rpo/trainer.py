@@ -9,6 +9,8 @@ update per branching step k (§5). Checkpoints are exported in diffusers format 
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,9 @@ import yaml
 from g2rpo.advantages import mgai_advantages
 from g2rpo.config import TrainConfig, to_dict
 from g2rpo.data import EmbeddingDataset, GroupSchedule
-from g2rpo.distributed import DistInfo, PolicyEngine, all_reduce, barrier
-from g2rpo.io import atomic_directory, atomic_write_text
+from g2rpo import checkpoint
+from g2rpo.distributed import DistInfo, PolicyEngine, all_reduce, any_rank, print0
+from g2rpo.io import atomic_write_text
 from g2rpo.loss import ppo_clip_loss
 from g2rpo.metrics import MetricsLogger
 from g2rpo.models import decode_latents, load_transformer, load_vae
@@ -45,8 +48,14 @@ class Group:
 class TrainState:
     """Everything that advances during training (the rest is rebuilt from the config)."""
 
-    step: int = 0
+    step: int = 0  # the next step to run; also the data-schedule position
+    skipped: int = 0  # optimiser updates skipped for non-finite values, in all
+    consecutive_skips: int = 0
     history: list[dict] = field(default_factory=list)
+
+
+class NonFiniteError(RuntimeError):
+    pass
 
 
 def group_seed(seed: int, position: int) -> int:
@@ -113,9 +122,13 @@ class Trainer:
         return mgai_advantages(rewards, self.cfg.sampling.group_size, self.cfg.ppo.adv_clip_max, self.reward_weights)
 
     def update(self, groups: list[Group], advantages: torch.Tensor) -> dict[str, float]:
-        """One optimiser update per branching step k, in order (§5)."""
+        """One optimiser update per branching step k, in order (§5).
+
+        A non-finite loss or gradient norm on any rank skips that update on every rank (no
+        parameter changes; the ranks agree through an all-reduce before backward / before stepping).
+        """
         n = self.cfg.sampling.group_size
-        losses, clip_fracs, kls, norms = [], [], [], []
+        losses, clip_fracs, kls, norms, skipped = [], [], [], [], 0
         for ki in range(len(self.cfg.sampling.branch_steps)):
             group_losses, group_stats = [], []
             for gi, group in enumerate(groups):
@@ -126,18 +139,48 @@ class Trainer:
                 group_losses.append(loss)
                 group_stats.append(stats)
             loss = torch.stack(group_losses).mean()
+            if any_rank(not torch.isfinite(loss).item()):
+                self._skip("loss", ki)
+                skipped += 1
+                continue
             self.engine.backward(loss)
-            norms.append(self.engine.step())
+            norm = self.engine.clip_grad_norm()
+            if not torch.isfinite(norm).item():
+                self.engine.skip_step()
+                self._skip("gradient norm", ki)
+                skipped += 1
+                continue
+            ds_norm = self.engine.step()
+            self.state.consecutive_skips = 0
+            norms.append(ds_norm if ds_norm is not None else norm)
             losses.append(loss.detach())
             clip_fracs.append(torch.stack([s["clip_frac"] for s in group_stats]).mean())
             kls.append(torch.stack([s["approx_kl"] for s in group_stats]).mean())
+
+        def mean(values):
+            return torch.stack(values).mean().cpu() if values else torch.tensor(float("nan"))
+
         return {
-            "loss": all_reduce(torch.stack(losses).mean().cpu()).item(),
-            "clip_frac": all_reduce(torch.stack(clip_fracs).mean().cpu()).item(),
-            "approx_kl": all_reduce(torch.stack(kls).mean().cpu()).item(),
-            "grad_norm": torch.stack(norms).mean().item(),
+            "loss": all_reduce(mean(losses)).item(),
+            "clip_frac": all_reduce(mean(clip_fracs)).item(),
+            "approx_kl": all_reduce(mean(kls)).item(),
+            "grad_norm": mean(norms).item(),
             "lr": self.engine.scheduler.get_last_lr()[0],
+            "skipped_updates": skipped,
         }
+
+    def _skip(self, what: str, branch_index: int | None, updates: int = 1) -> None:
+        """Record a skip (one update, or a whole step's ``updates`` for a bad reward); stop after too many in a row."""
+        self.state.skipped += updates
+        self.state.consecutive_skips += 1
+        where = f"update k={self.cfg.sampling.branch_steps[branch_index]}" if branch_index is not None \
+            else f"all {updates} updates of the step"
+        print0(f"warning: non-finite {what} on some rank at step {self.state.step}: skipped {where} on every rank "
+               f"({self.state.consecutive_skips} skip(s) in a row, {self.state.skipped} skipped update(s) in all)")
+        if self.state.consecutive_skips > self.cfg.max_consecutive_skips:
+            raise NonFiniteError(f"{self.state.consecutive_skips} skips in a row (last: non-finite {what}), more than "
+                                 f"max_consecutive_skips={self.cfg.max_consecutive_skips}; stopping. Lower optim.lr, "
+                                 f"check the reward models, or resume from the last checkpoint.")
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -145,7 +188,14 @@ class Trainer:
         t1 = time.perf_counter()
         self.score(groups)
         t2 = time.perf_counter()
-        metrics = self.update(groups, self.advantages(groups))
+        finite = all(torch.isfinite(g.rewards).all() and torch.isfinite(g.anchor_rewards).all() for g in groups)
+        if any_rank(not finite):
+            self._skip("reward", None, updates=len(self.cfg.sampling.branch_steps))
+            for g in groups:  # keep the logged means finite
+                g.rewards, g.anchor_rewards = g.rewards.nan_to_num(0.0), g.anchor_rewards.nan_to_num(0.0)
+            metrics = {"loss": float("nan"), "skipped_updates": len(self.cfg.sampling.branch_steps)}
+        else:
+            metrics = self.update(groups, self.advantages(groups))
         t3 = time.perf_counter()
         for ri, name in enumerate(self.rewards):
             metrics[f"reward/{name}"] = all_reduce(torch.stack([g.rewards[ri].mean() for g in groups]).mean()).item()
@@ -188,40 +238,87 @@ class Trainer:
         periodic = step >= self.cfg.checkpoint_start and (step - self.cfg.checkpoint_start) % self.cfg.checkpoint_every == 0
         return last or periodic
 
-    def save_checkpoint(self, step: int) -> Path:
-        """Export ``checkpoint-<step>/transformer`` (diffusers format). Collective: every rank calls it."""
+    def export_transformer(self, folder: Path) -> None:
+        """The transformer in diffusers format (config.json + safetensors shards). Collective; rank 0 writes."""
         from huggingface_hub import save_torch_state_dict
 
         state = self.engine.full_state_dict()
-        path = self.out_dir / f"checkpoint-{step}"
         if self.info.is_main:
             dtype = torch.float32 if self.cfg.save_dtype == "float32" else torch.bfloat16
-            with atomic_directory(path) as tmp:
-                self.engine.raw.save_config(tmp / "transformer")
-                save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, tmp / "transformer",
-                                      filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-                                      max_shard_size="10GB")
-                atomic_write_text(tmp / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        barrier()
+            self.engine.raw.save_config(folder)
+            save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, folder,
+                                  filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
+
+    def save_checkpoint(self, step: int) -> Path:
+        """A committed full-state checkpoint after ``step`` (see g2rpo.checkpoint). Collective."""
+        return checkpoint.save(self, step, self.cfg.keep_last)
+
+    def resume(self) -> Path | None:
+        path = checkpoint.resolve_resume(self.cfg.resume, self.out_dir)
+        if path is None:
+            print0("starting from scratch" + (" (no committed checkpoint found)" if self.cfg.resume else ""))
+            return None
+        checkpoint.load(self, path)
+        if self.info.is_main:
+            self.logger.truncate(self.state.step)
+        print0(f"resumed from {path} at step {self.state.step}")
         return path
 
     def fit(self) -> TrainState:
+        """Train to ``max_steps``. SIGTERM/SIGINT finish the current step, write a committed checkpoint
+        and raise `Interrupted` (the CLI exits non-zero)."""
         from tqdm import tqdm
 
+        self.resume()
+        stop = _StopFlag()
         bar = tqdm(range(self.state.step, self.cfg.max_steps), disable=not self.info.is_main, desc="g2rpo",
-                   dynamic_ncols=True)
-        if self.cfg.eval_every and self.state.step == 0:
-            self.logger.log_heldout(0, self.evaluate(self.heldout))
-        for step in bar:
-            metrics = self.train_step(step)
-            self.state.history.append({"step": step, **metrics})
-            self.logger.log(step, metrics)
-            rewards = " ".join(f"{k.split('/')[1]}={metrics[k]:.4f}" for k in metrics if k.startswith("eval_reward/"))
-            bar.set_postfix_str(f"loss={metrics['loss']:.3g} {rewards} {metrics['step_time']:.1f}s/step")
-            self.state.step = step + 1
-            if self.cfg.eval_every and (self.state.step % self.cfg.eval_every == 0 or step == self.cfg.max_steps - 1):
-                self.logger.log_heldout(self.state.step, self.evaluate(self.heldout))
-            if self.should_checkpoint(step):
-                self.save_checkpoint(step)
+                   dynamic_ncols=True, initial=self.state.step, total=self.cfg.max_steps)
+        with stop.installed():
+            if self.cfg.eval_every and self.state.step == 0:
+                self.logger.log_heldout(0, self.evaluate(self.heldout))
+            for step in bar:
+                metrics = self.train_step(step)
+                self.state.history.append({"step": step, **metrics})
+                self.logger.log(step, metrics)
+                rewards = " ".join(f"{k.split('/')[1]}={metrics[k]:.4f}" for k in metrics
+                                   if k.startswith("eval_reward/"))
+                bar.set_postfix_str(f"loss={metrics['loss']:.3g} {rewards} {metrics['step_time']:.1f}s/step")
+                self.state.step = step + 1
+                last = step == self.cfg.max_steps - 1
+                if self.cfg.eval_every and (self.state.step % self.cfg.eval_every == 0 or last):
+                    self.logger.log_heldout(self.state.step, self.evaluate(self.heldout))
+                interrupted = any_rank(stop.signal is not None)
+                if self.should_checkpoint(step) or interrupted:
+                    self.save_checkpoint(step)
+                if interrupted:
+                    self.logger.close()
+                    raise Interrupted(stop.signal or signal.SIGTERM)
         self.logger.close()
         return self.state
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after writing a committed checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum} after a committed checkpoint")
+        self.exit_code = 128 + int(signum)
+
+
+class _StopFlag:
+    """Remembers SIGTERM/SIGINT instead of dying mid-step; the loop checks it between steps."""
+
+    def __init__(self):
+        self.signal = None
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

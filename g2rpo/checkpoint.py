@@ -1,0 +1,221 @@
+"""Full-state checkpoints: save, verify, find the latest, resume.
+
+A checkpoint ``<output_dir>/checkpoint-<step>/`` holds
+
+* ``transformer/`` -- the exported diffusers weights (for inference; never purged);
+* ``state/`` -- everything needed to continue: the engine's model + optimiser state (FSDP: a
+  sharded torch.distributed.checkpoint; DeepSpeed: its own ZeRO checkpoint; one process: plain
+  files), the LR scheduler, and every rank's RNG states (python, numpy, torch CPU and CUDA);
+* ``trainer_state.json`` -- the next step (which is also the data-schedule position), the world
+  size, the engine, the config and a format version;
+* ``COMMITTED`` -- written last, with the size and SHA-256 of every file.
+
+Every rank writes into ``.checkpoint-<step>.tmp``; only after all ranks finished does rank 0 write
+``COMMITTED`` and rename the folder into place. A folder without a valid ``COMMITTED`` is ignored by
+`find_latest`; a file whose size or hash disagrees with it is named in the error, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from g2rpo.distributed import barrier, broadcast_object
+from g2rpo.io import atomic_write_text
+
+FORMAT_VERSION = 1
+MARKER = "COMMITTED"
+# Settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_INVARIANTS = ("sampling.group_size", "sampling.height", "sampling.width", "sampling.num_steps",
+                     "sampling.shift", "sampling.eta", "sampling.branch_steps", "sampling.granularities",
+                     "data.index", "data.prompts_per_rank", "data.holdout", "seed", "engine.kind")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("checkpoint-"):
+        return None
+    try:
+        return int(name.removeprefix("checkpoint-"))
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------------ RNG
+
+
+def rng_state() -> dict:
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2]],
+        "python_version": random.getstate()[0],
+        "numpy": [np.random.get_state()[0], np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    *internal, gauss = state["python"]
+    random.setstate((state["python_version"], tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ------------------------------------------------------------------------------------ verify / find
+
+
+def verify(path: str | Path, checksums: bool = True) -> dict:
+    """Check ``COMMITTED`` against the files; returns trainer_state.json. Errors name the bad file."""
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        raise ValueError(f"{path}: not a committed checkpoint (no {MARKER}; it was interrupted while being written)")
+    try:
+        manifest = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"{marker}: unreadable ({exc})") from None
+    for relative, expected in manifest.items():
+        file = path / relative
+        if not file.is_file():
+            raise ValueError(f"{file}: missing from checkpoint {path}")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            raise ValueError(f"{file}: {size} bytes, expected {expected['size']} (truncated or corrupted)")
+        if checksums and _sha256(file) != expected["sha256"]:
+            raise ValueError(f"{file}: SHA-256 mismatch (corrupted); delete the checkpoint or resume from another")
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {state.get('format_version')}, this g2rpo reads {FORMAT_VERSION}")
+    return state
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint with a ``COMMITTED`` marker and a ``state/`` folder; None if there is none."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    candidates = sorted((p for p in output_dir.iterdir() if step_of(p) is not None and p.is_dir()),
+                        key=step_of, reverse=True)
+    for path in candidates:
+        if (path / MARKER).is_file() and (path / "state").is_dir():
+            return path
+    return None
+
+
+def check_compatible(saved_config: dict, config: dict, saved_world: int, world: int, engine: str) -> None:
+    def get(d, dotted):
+        for part in dotted.split("."):
+            d = d[part]
+        return d
+
+    diffs = [f"{key}: checkpoint {get(saved_config, key)!r} != now {get(config, key)!r}"
+             for key in RESUME_INVARIANTS if get(saved_config, key) != get(config, key)]
+    if engine == "deepspeed" and saved_world != world:
+        diffs.append(f"world size: checkpoint {saved_world} != now {world} (DeepSpeed ZeRO states are per rank)")
+    if diffs:
+        raise ValueError("cannot resume with a different setup:\n  " + "\n  ".join(diffs))
+
+
+# ------------------------------------------------------------------------------------ save / load
+
+
+def save(trainer, step: int, keep_last: int | None) -> Path:
+    """Write a committed full-state checkpoint after ``step``. Collective: every rank calls it."""
+    from g2rpo.config import to_dict
+
+    info, out = trainer.info, trainer.out_dir
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "state").mkdir(parents=True)
+    barrier()
+    trainer.engine.save_state(tmp / "state")
+    atomic_write_text(tmp / "state" / f"rng_rank{info.rank}.json", json.dumps(rng_state()))
+    trainer.export_transformer(tmp / "transformer")  # collective gather, rank 0 writes
+    barrier()
+    if info.is_main:
+        atomic_write_text(tmp / "trainer_state.json", json.dumps({
+            "format_version": FORMAT_VERSION, "step": step + 1, "world_size": info.world_size,
+            "engine": trainer.cfg.engine.kind, "skipped": trainer.state.skipped, "config": to_dict(trainer.cfg),
+        }, indent=2))
+        files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_text(tmp / MARKER, json.dumps({"files": files}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep_last:
+            purge(out, keep_last)
+    barrier()
+    return final
+
+
+def purge(output_dir: Path, keep_last: int) -> list[Path]:
+    """Delete the resumable ``state/`` of all but the newest ``keep_last`` committed checkpoints.
+
+    Their exported ``transformer/`` folders are kept for inference.
+    """
+    committed = sorted((p for p in output_dir.iterdir() if step_of(p) is not None and (p / "state").is_dir()
+                        and (p / MARKER).is_file()), key=step_of)
+    removed = []
+    for path in committed[:-keep_last]:
+        shutil.rmtree(path / "state")
+        (path / MARKER).unlink()
+        removed.append(path)
+    return removed
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    """``""`` -> fresh start; ``auto`` -> latest committed (None if none); a path -> that checkpoint (must exist)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return find_latest(output_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume={resume}: no such checkpoint directory")
+    return path
+
+
+def load(trainer, path: Path) -> None:
+    """Restore the engine, scheduler, RNG and step from a committed checkpoint. Collective."""
+    from g2rpo.config import to_dict
+
+    info = trainer.info
+    problem = None
+    if info.is_main:
+        try:
+            state = verify(path, trainer.cfg.verify_checksums)
+            check_compatible(state["config"], to_dict(trainer.cfg), state["world_size"], info.world_size,
+                             trainer.cfg.engine.kind)
+        except (ValueError, FileNotFoundError) as exc:
+            problem, state = str(exc), None
+    problem, state = broadcast_object((problem, state if info.is_main else None))
+    if problem:
+        raise ValueError(problem)
+    trainer.engine.load_state(path / "state")
+    rng_file = path / "state" / f"rng_rank{info.rank}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    trainer.state.step = state["step"]
+    trainer.state.skipped = state.get("skipped", 0)
+    barrier()

@@ -1,0 +1,184 @@
+"""Exact resume, committed checkpoints, fault handling (2 FSDP ranks on the tiny models)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from g2rpo import checkpoint
+from test_train import ENV, _model_overrides  # noqa: F401  (tiny_embeddings fixture comes from test_train)
+from test_train import tiny_embeddings  # noqa: F401
+
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+
+
+def _cmd(tiny_models, embeddings, out, *overrides, script=("-m", "g2rpo.train"), torchrun_args=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun_args,
+            *script, "--config", str(ROOT / "configs/tiny.yaml"), *_model_overrides(tiny_models),
+            f"data.index={embeddings / 'index.jsonl'}", f"output_dir={out}", "sample_every=0", "eval_every=0",
+            "data.holdout=0", *overrides]
+
+
+def _run(cmd, expect=0):
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    if expect is not None and result.returncode != expect:
+        raise AssertionError(f"exit {result.returncode} (expected {expect}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def _metrics(out):
+    return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def _same_weights(a, b):
+    wa, wb = load_file(a / WEIGHTS), load_file(b / WEIGHTS)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+DETERMINISTIC = ("loss", "reward/hps", "reward/clip_score", "eval_reward/hps", "clip_frac", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_models, tiny_embeddings, tmp_path_factory):
+    """4 steps without interruption, a checkpoint after every step."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=0", "checkpoint_every=1"))
+    return out
+
+
+def test_half_then_resume_is_bit_identical(straight, tiny_models, tiny_embeddings, tmp_path):
+    out = tmp_path / "run"
+    _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=2", "checkpoint_start=0", "checkpoint_every=1"))
+    assert checkpoint.find_latest(out).name == "checkpoint-1"
+    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=0", "checkpoint_every=1",
+                       "--resume", "auto"))
+    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    resumed, reference = _metrics(out), _metrics(straight)
+    assert sorted(resumed) == [0, 1, 2, 3]  # the log continues without duplicates
+    for step in range(4):
+        for key in DETERMINISTIC:
+            assert resumed[step][key] == reference[step][key], (step, key)
+    for step in range(4):
+        assert _same_weights(out / f"checkpoint-{step}", straight / f"checkpoint-{step}"), step
+    state = checkpoint.verify(out / "checkpoint-3")
+    assert state["step"] == 4 and state["world_size"] == 2
+
+
+def test_sigterm_checkpoints_exits_nonzero_and_resume_continues(straight, tiny_models, tiny_embeddings, tmp_path):
+    out = tmp_path / "run"
+    cmd = _cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=100")
+    process = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
+                                          and (out / "metrics.jsonl").read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGTERM)  # as a cluster scheduler preempting the job
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0, output[-3000:]
+    latest = checkpoint.find_latest(out)
+    assert latest is not None, output[-3000:]
+    stopped_at = checkpoint.verify(latest)["step"]
+    assert 1 <= stopped_at < 4
+    _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=100", "--resume", "auto"))
+    assert _same_weights(out / "checkpoint-3", straight / "checkpoint-3")
+    resumed, reference = _metrics(out), _metrics(straight)
+    assert [resumed[s]["loss"] for s in range(4)] == [reference[s]["loss"] for s in range(4)]
+
+
+def test_crash_under_max_restarts_resumes_automatically(straight, tiny_models, tiny_embeddings, tmp_path):
+    out = tmp_path / "run"
+    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=0", "checkpoint_every=1",
+                       "resume=auto", script=("tests/helpers/train_with_faults.py", "crash@1:2"),
+                       torchrun_args=("--max-restarts=1",)))
+    assert "injected crash of rank 1 at step 2" in result.stdout + result.stderr
+    assert "resumed from" in result.stdout
+    assert _same_weights(out / "checkpoint-3", straight / "checkpoint-3")
+
+
+def test_nan_reward_on_one_rank_skips_the_step_everywhere(straight, tiny_models, tiny_embeddings, tmp_path):
+    out = tmp_path / "run"
+    _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=3", "checkpoint_start=0", "checkpoint_every=1",
+              script=("tests/helpers/train_with_faults.py", "nan-reward@1:1")))
+    metrics = _metrics(out)
+    assert metrics[1]["skipped_updates"] == 4 and metrics[0]["skipped_updates"] == 0
+    assert metrics[2]["skipped_updates"] == 0
+    assert _same_weights(out / "checkpoint-0", straight / "checkpoint-0")
+    assert _same_weights(out / "checkpoint-1", out / "checkpoint-0"), "a skipped step changed parameters"
+    assert not _same_weights(out / "checkpoint-2", out / "checkpoint-1")
+    assert checkpoint.verify(out / "checkpoint-2")["skipped"] == 4
+
+
+def test_too_many_consecutive_skips_stop_the_run(tiny_models, tiny_embeddings, tmp_path):
+    result = _run(_cmd(tiny_models, tiny_embeddings, tmp_path / "run", "max_steps=4", "max_consecutive_skips=2",
+                       script=("tests/helpers/train_with_faults.py", "nan-reward@1:*")), expect=None)
+    assert result.returncode != 0
+    assert "3 skips in a row (last: non-finite reward), more than max_consecutive_skips=2" in result.stderr
+    assert len(_metrics(tmp_path / "run")) == 2  # steps 0 and 1 logged, the run stopped in step 2
+
+
+def test_resume_errors(straight, tiny_models, tiny_embeddings, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight / "checkpoint-1", out / "checkpoint-1")
+    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "sampling.group_size=4",
+                       "sampling.branch_steps=[0,1]", "--resume", "auto"), expect=None)
+    assert result.returncode != 0
+    assert "cannot resume with a different setup" in result.stderr
+    assert "sampling.group_size: checkpoint 8 != now 4" in result.stderr
+    assert "sampling.branch_steps: checkpoint [0, 1, 2, 3] != now [0, 1]" in result.stderr
+    missing = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", f"resume={out / 'checkpoint-7'}"),
+                   expect=None)
+    assert missing.returncode != 0 and "checkpoint-7: no such checkpoint directory" in missing.stderr
+    with pytest.raises(ValueError, match="not a committed checkpoint"):
+        checkpoint.verify(tmp_path)
+
+
+def test_auto_resume_in_an_empty_directory_starts_fresh(tmp_path):
+    assert checkpoint.resolve_resume("auto", tmp_path / "nothing-here") is None
+    assert checkpoint.resolve_resume("", tmp_path) is None
+
+
+def _fake_checkpoint(root, step, committed=True):
+    path = root / f"checkpoint-{step}"
+    (path / "state").mkdir(parents=True)
+    (path / "transformer").mkdir()
+    (path / "state" / "model.bin").write_bytes(b"x" * step)
+    if committed:
+        (path / checkpoint.MARKER).write_text("{}")
+    return path
+
+
+def test_uncommitted_checkpoints_are_ignored_and_purge_keeps_k(tmp_path):
+    for step in (2, 4, 6):
+        _fake_checkpoint(tmp_path, step)
+    _fake_checkpoint(tmp_path, 8, committed=False)  # interrupted while being written
+    (tmp_path / ".checkpoint-10.tmp").mkdir()
+    assert checkpoint.find_latest(tmp_path).name == "checkpoint-6"
+    removed = checkpoint.purge(tmp_path, keep_last=2)
+    assert [p.name for p in removed] == ["checkpoint-2"]
+    assert not (tmp_path / "checkpoint-2" / "state").exists() and (tmp_path / "checkpoint-2" / "transformer").is_dir()
+    assert (tmp_path / "checkpoint-4" / "state").is_dir() and (tmp_path / "checkpoint-6" / "state").is_dir()
+    assert checkpoint.find_latest(tmp_path).name == "checkpoint-6"
+
+
+def test_corrupted_or_truncated_files_are_named(straight, tmp_path):
+    copy = shutil.copytree(straight / "checkpoint-2", tmp_path / "checkpoint-2")
+    shard = next(p for p in sorted((copy / "state").rglob("*")) if p.is_file() and p.stat().st_size > 100)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{shard.name}: SHA-256 mismatch"):
+        checkpoint.verify(copy)
+    shard.write_bytes(bytes(data[:-10]))
+    with pytest.raises(ValueError, match=f"{shard.name}: .* bytes, expected .* \\(truncated or corrupted\\)"):
+        checkpoint.verify(copy)
+    checkpoint.verify(straight / "checkpoint-2")  # the original is intact
