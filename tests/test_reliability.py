@@ -182,3 +182,15 @@ def test_corrupted_or_truncated_files_are_named(straight, tmp_path):
     with pytest.raises(ValueError, match=f"{shard.name}: .* bytes, expected .* \\(truncated or corrupted\\)"):
         checkpoint.verify(copy)
     checkpoint.verify(straight / "checkpoint-2")  # the original is intact
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_is_bit_identical(tiny_models, tiny_embeddings, tmp_path):
+    ds = ("engine.kind=deepspeed", "engine.zero_stage=2", "checkpoint_start=0", "checkpoint_every=1")
+    straight_out, out = tmp_path / "straight", tmp_path / "resumed"
+    _run(_cmd(tiny_models, tiny_embeddings, straight_out, "max_steps=3", *ds))
+    _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=2", *ds))
+    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=3", *ds, "--resume", "auto"))
+    assert "at step 2" in result.stdout
+    assert _same_weights(out / "checkpoint-2", straight_out / "checkpoint-2")
+    assert _metrics(out)[2]["loss"] == _metrics(straight_out)[2]["loss"]
