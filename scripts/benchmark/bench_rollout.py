@@ -1,0 +1,184 @@
+"""Benchmark one G2RPO step's phases in the reference order and in ours, on the same model and noise.
+
+    python scripts/benchmark/bench_rollout.py                 # tiny model on CPU (builds ckpt/tiny if missing)
+    python scripts/benchmark/bench_rollout.py --smoke         # CI: tiny, small grid, one iteration
+    python scripts/benchmark/bench_rollout.py --device cuda   # true-size FLUX.1-dev transformer, random bf16 weights
+
+Phases: rollout (singular-SDE sampling with multi-granularity completions), decode (VAE) and reward
+(HPS-v2.1) of every completion, and the update's forwards/backwards. "reference" = the reference
+recipe's order (per generation, batch 1, nothing shared; one image decoded and scored at a time);
+"ours" = the default (shared evaluations, batched completions, batched decode and scoring). Both
+runs use the same generator seed and are checked to agree. Prints a markdown table with transformer
+calls, sample-forwards, VAE decodes, reward calls, wall time per phase, peak memory and the ratio;
+on CUDA also achieved TFLOP/s and MFU against --peak-tflops.
+"""
+
+import argparse
+import dataclasses
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from g2rpo.config import ModelsConfig, SamplingConfig, load_config
+from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# black-forest-labs/FLUX.1-dev transformer/config.json
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+
+def transformer_flops(config: dict, image_tokens: int, text_tokens: int = 512) -> float:
+    """Forward FLOPs of one sample, counted from the architecture (multiply-add = 2 FLOPs).
+
+    Each token goes through 12·d² matmul weights per block (double blocks: its own stream's qkv 3d²,
+    out d², MLP 8d²; single blocks: qkv 3d², MLP-in 4d², fused out 5d²), plus attention 4·L²·d per
+    block, the embedders/projection per token and the adaLN modulation per sample. Note that
+    "2·params·tokens" would double-count FLUX's dual-stream blocks (a token uses one stream's weights):
+    for FLUX.1-dev it is ~1.85x this count. tests/test_benchmark.py checks this against
+    torch.utils.flop_counter on a small FLUX.
+    """
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    tokens = image_tokens + text_tokens
+    blocks = config["num_layers"] + config["num_single_layers"]
+    per_token = 2 * 12 * d * d * blocks * tokens
+    attention = 4 * tokens * tokens * d * blocks
+    embed = 2 * d * (image_tokens * config["in_channels"] * 2 + text_tokens * config["joint_attention_dim"])
+    modulation = 2 * d * d * (12 * config["num_layers"] + 3 * config["num_single_layers"] + 2)  # adaLN, per sample
+    conditioning = 2 * d * (256 + d) * (3 if config.get("guidance_embeds") else 2) \
+        + 2 * d * config["pooled_projection_dim"]  # timestep, guidance and pooled-text MLPs
+    return per_token + attention + embed + modulation + conditioning
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu (tiny model) or cuda (true-size FLUX.1-dev, random weights)")
+    p.add_argument("--smoke", action="store_true", help="tiny grid, one iteration: checks the script runs and agrees")
+    p.add_argument("--iters", type=int, default=1)
+    p.add_argument("--height", type=int, default=None, help="default: 64 on CPU, 720 on CUDA")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)")
+    p.add_argument("--skip-reference", action="store_true", help="time only our order")
+    return p.parse_args()
+
+
+def build(device: str, cfg: SamplingConfig):
+    """(transformer, vae, reward, embedding, dtype) for the benchmark."""
+    from g2rpo.models import load_transformer, load_vae
+    from g2rpo.rewards import build_reward
+
+    if device == "cpu":
+        from g2rpo.data import read_prompt_file
+        from g2rpo.models import load_flux_pipeline
+        from g2rpo.tiny import prepare_tiny_checkpoints
+
+        prepare_tiny_checkpoints(ROOT / "ckpt/tiny", read_prompt_file(ROOT / "data/example_prompts.txt"))
+        models = load_config(ModelsConfig, ROOT / "configs/models/tiny.yaml",
+                             [f"{k}={ROOT / v}" for k, v in (("flux.path", "ckpt/tiny/flux"),
+                                                             ("hps.base_dir", "ckpt/tiny/hps/open_clip_base"),
+                                                             ("hps.checkpoint", "ckpt/tiny/hps/HPS_v2.1_compressed.pt"))])
+        pipe = load_flux_pipeline(models.flux.path)
+        with torch.no_grad():
+            embeds, pooled, ids = pipe.encode_prompt("A red fox curled up asleep in fresh snow", None)
+        embedding = PromptEmbedding.from_batched(embeds, pooled, ids)
+        transformer = load_transformer(models.flux.path, subfolder="transformer").eval()
+        return transformer, load_vae(models.flux.path), build_reward("hps", models), embedding, torch.float32
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(torch.bfloat16).eval()
+    embedding = PromptEmbedding(torch.randn(512, 4096, device="cuda"), torch.randn(768, device="cuda"),
+                                torch.zeros(512, 3, device="cuda"))
+    return transformer, None, None, embedding, torch.bfloat16
+
+
+def timed(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, decode_batch):
+    from g2rpo.models import decode_latents
+
+    cfg = dataclasses.replace(cfg, order=order)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=dtype) if device == "cuda" else torch.autocast("cpu", enabled=False):
+        result, t_rollout = timed(lambda: singular_sde_rollout(transformer, embedding, cfg, torch.Generator().manual_seed(0),
+                                                               device=device), device)
+    row = {"order": order, "calls": result.num_calls, "sample_forwards": result.num_sample_forwards,
+           "rollout_s": t_rollout}
+    latents = result.completions.flatten(0, 2)
+    if vae is not None:
+        batch = decode_batch if order == "shared" else 1
+        images, row["decode_s"] = timed(lambda: decode_latents(vae, latents, cfg.height, cfg.width, batch), device)
+        prompts = ["A red fox curled up asleep in fresh snow"] * len(images)
+        reward.batch_size = decode_batch if order == "shared" else 1
+        _, row["reward_s"] = timed(lambda: reward.score(images, prompts), device)
+        row["decodes"] = len(images)
+        row["reward_calls"] = -(-len(images) // reward.batch_size)
+
+    def update():
+        for ki in range(len(cfg.branch_steps)):
+            policy_log_probs(transformer, embedding, result, ki, cfg).mean().backward()
+
+    transformer.train()
+    _, row["update_s"] = timed(update, device)
+    transformer.zero_grad(set_to_none=True)
+    transformer.eval()
+    row["peak_mem_gb"] = (torch.cuda.max_memory_allocated() if device == "cuda"
+                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    return row, result
+
+
+def main():
+    args = parse_args()
+    device = args.device
+    if args.smoke:
+        cfg = SamplingConfig(num_steps=8, branch_steps=[0, 1, 2], group_size=4, height=32, width=32)
+    else:
+        height = args.height or (64 if device == "cpu" else 720)
+        cfg = SamplingConfig(height=height, width=height)  # the reference: T=16, K=0..7, G={1,2}, N=12
+    transformer, vae, reward, embedding, dtype = build(device, cfg)
+    orders = ["shared"] if args.skip_reference else ["reference", "shared"]
+    rows, results = {}, {}
+    for order in orders:
+        for _ in range(args.iters):  # keep the last iteration (the first warms up allocators and kernels)
+            rows[order], results[order] = run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, 16)
+    if len(results) == 2:
+        diff = (results["reference"].completions - results["shared"].completions).abs().max().item()
+        assert diff < (1e-4 if device == "cpu" else 5e-2), f"orders disagree: max |Δ completions| = {diff}"
+        print(f"reference and shared completions agree: max |Δ| = {diff:.2e}")
+    tokens = (cfg.height // 16) * (cfg.width // 16)
+    config = dict(transformer.config)
+    columns = ["order", "calls", "sample_forwards", "decodes", "reward_calls", "rollout_s", "decode_s", "reward_s",
+               "update_s", "peak_mem_gb"]
+    if device == "cuda":
+        flops = transformer_flops(config, tokens)
+        for row in rows.values():
+            row["rollout_TFLOP/s"] = row["sample_forwards"] * flops / row["rollout_s"] / 1e12
+            row["MFU"] = row["rollout_TFLOP/s"] / args.peak_tflops
+        columns += ["rollout_TFLOP/s", "MFU"]
+    print(f"\n{device}, {cfg.height}x{cfg.width} ({tokens} image tokens), T={cfg.num_steps}, K={cfg.branch_steps}, "
+          f"G={cfg.granularities}, N={cfg.group_size}, {sum(p.numel() for p in transformer.parameters()):,} params\n")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows.values():
+        print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
+                                for c in columns) + " |")
+    if len(rows) == 2:
+        ratio = {k: rows["reference"][k] / rows["shared"][k] for k in ("rollout_s", "decode_s", "reward_s")
+                 if k in rows["shared"]}
+        print("\nreference / ours: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+
+
+if __name__ == "__main__":
+    main()

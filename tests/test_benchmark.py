@@ -1,0 +1,50 @@
+"""scripts/benchmark/bench_rollout.py: the analytic FLOP count, and the 1-iteration smoke run CI does."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from g2rpo.config import SamplingConfig
+from g2rpo.rollout import expected_cost
+from g2rpo.tiny import TINY_TRANSFORMER_CONFIG
+
+sys.path.insert(0, str(ROOT / "scripts" / "benchmark"))
+from bench_rollout import transformer_flops  # noqa: E402
+
+
+@pytest.mark.parametrize("extra", [{}, dict(num_layers=2, num_single_layers=3, attention_head_dim=32,
+                                            num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=48,
+                                            axes_dims_rope=(8, 12, 12))])
+@pytest.mark.parametrize("tokens", [(16, 512), (64, 40)])
+def test_flop_formula_matches_torch_flop_counter(extra, tokens):
+    from diffusers import FluxTransformer2DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = dict(TINY_TRANSFORMER_CONFIG, **extra)
+    model = FluxTransformer2DModel(**config).eval()
+    image, text = tokens
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(hidden_states=torch.randn(1, image, 64), encoder_hidden_states=torch.randn(1, text, config["joint_attention_dim"]),
+              pooled_projections=torch.randn(1, config["pooled_projection_dim"]), timestep=torch.tensor([0.5]),
+              img_ids=torch.zeros(image, 3), txt_ids=torch.zeros(text, 3), guidance=torch.tensor([3.5]))
+    assert transformer_flops(config, image, text) == pytest.approx(counter.get_total_flops(), rel=5e-3)
+
+
+def test_benchmark_smoke_run_agrees_and_counts():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark/bench_rollout.py"), "--smoke"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reference and shared completions agree" in result.stdout
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("| reference") or line.startswith("| shared")}
+    smoke = SamplingConfig(num_steps=8, branch_steps=[0, 1, 2], group_size=4, height=32, width=32)
+    for order in ("reference", "shared"):
+        cost = expected_cost(dataclasses.replace(smoke, order=order))
+        assert [int(rows[order][0]), int(rows[order][1])] == [cost["calls"], cost["sample_forwards"]]
+        assert int(rows[order][2]) == 4 * 3 * 2  # VAE decodes: N x K x G
+    assert int(rows["shared"][3]) < int(rows["reference"][3])  # batched reward calls
