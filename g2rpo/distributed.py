@@ -147,7 +147,6 @@ class PolicyEngine:
         self.max_grad_norm = optim_cfg.max_grad_norm
         self.autocast_dtype = torch.bfloat16 if (info.device.type == "cuda" and engine_cfg.mixed_precision == "bf16") \
             else None
-        self.config = model.config
         self.raw = model
         model = model.to(info.device).float().train()  # fp32 master weights
         blocks = _flux_block_classes()

@@ -51,6 +51,10 @@ class PromptEmbedding:
             pooled_prompt_embeds = pooled_prompt_embeds[0]
         return cls(prompt_embeds, pooled_prompt_embeds, text_ids)
 
+    def to(self, device) -> "PromptEmbedding":
+        return PromptEmbedding(self.prompt_embeds.to(device), self.pooled_prompt_embeds.to(device),
+                               self.text_ids.to(device))
+
     def validate(self, policy=None) -> None:
         s = self.prompt_embeds.shape
         if self.prompt_embeds.dim() != 2:

@@ -93,8 +93,7 @@ class Trainer:
         module.eval()
         for position in self.schedule.positions(step, self.info.rank):
             embedding, caption = self.dataset[self.schedule.item(position)]
-            embedding = PromptEmbedding(*(t.to(self.info.device) for t in
-                                          (embedding.prompt_embeds, embedding.pooled_prompt_embeds, embedding.text_ids)))
+            embedding = embedding.to(self.info.device)
             generator = torch.Generator().manual_seed(group_seed(self.cfg.seed, position))
             with self.engine.autocast():
                 result = singular_sde_rollout(module, embedding, self.cfg.sampling, generator, device=self.info.device)
@@ -220,8 +219,7 @@ class Trainer:
         count = torch.zeros(())
         for i in range(self.info.rank, len(dataset), self.info.world_size):
             embedding, caption = dataset[i]
-            embedding = PromptEmbedding(*(t.to(self.info.device) for t in
-                                          (embedding.prompt_embeds, embedding.pooled_prompt_embeds, embedding.text_ids)))
+            embedding = embedding.to(self.info.device)
             with self.engine.autocast():
                 latent = ode_sample(module, embedding, s, torch.Generator().manual_seed(seed + i), self.info.device)
             image = decode_latents(self.vae, latent[None], s.height, s.width)

@@ -7,6 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -16,6 +18,8 @@ from g2rpo.data import read_prompt_file  # noqa: E402
 from g2rpo.tiny import prepare_tiny_checkpoints  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 EXAMPLE_PROMPTS = ROOT / "data" / "example_prompts.txt"
 
 
@@ -52,3 +56,20 @@ def tiny_pipeline(tiny_models):
     pipe = load_flux_pipeline(tiny_models.flux.path, tiny_models.flux.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def model_overrides(models: ModelsConfig) -> list[str]:
+    """Dotted overrides pointing a training config's models at the session's tiny checkpoints."""
+    return [f"models.flux.path={models.flux.path}", f"models.hps.base_dir={models.hps.base_dir}",
+            f"models.hps.checkpoint={models.hps.checkpoint}", f"models.clip_score.path={models.clip_score.path}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_embeddings(tiny_models, tmp_path_factory) -> Path:
+    """data/example_prompts.txt encoded by the 2-process preprocessing job."""
+    out = tmp_path_factory.mktemp("emb") / "tiny_embeddings"
+    cmd = [*TORCHRUN, "-m", "g2rpo.preprocess", "--model", tiny_models.flux.path, "--prompts", str(EXAMPLE_PROMPTS),
+           "--out", str(out), "--dtype", "float32", "--device", "cpu"]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out

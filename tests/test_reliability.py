@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ENV, ROOT
+from conftest import model_overrides as _model_overrides
 from g2rpo import checkpoint
-from test_train import ENV, _model_overrides  # noqa: F401  (tiny_embeddings fixture comes from test_train)
-from test_train import tiny_embeddings  # noqa: F401
 
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 

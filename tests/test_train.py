@@ -2,7 +2,6 @@
 training, checkpoints that reload, launchers, and a measured learning signal."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,12 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import EXAMPLE_PROMPTS, ROOT
+from conftest import ENV, ROOT, TORCHRUN, model_overrides as _model_overrides
 from g2rpo.config import TrainConfig, load_config
 from g2rpo.data import EmbeddingDataset, GroupSchedule
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def _run(cmd, cwd, check=True):
@@ -24,21 +21,6 @@ def _run(cmd, cwd, check=True):
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
-
-
-@pytest.fixture(scope="session")
-def tiny_embeddings(tiny_models, tmp_path_factory):
-    """data/example_prompts.txt encoded by the 2-process preprocessing job."""
-    out = tmp_path_factory.mktemp("emb") / "tiny_embeddings"
-    _run([*TORCHRUN, "-m", "g2rpo.preprocess", "--model", tiny_models.flux.path, "--prompts", str(EXAMPLE_PROMPTS),
-          "--out", str(out), "--dtype", "float32", "--device", "cpu"], cwd=ROOT)
-    return out
-
-
-def _model_overrides(tiny_models):
-    m = tiny_models
-    return [f"models.flux.path={m.flux.path}", f"models.hps.base_dir={m.hps.base_dir}",
-            f"models.hps.checkpoint={m.hps.checkpoint}", f"models.clip_score.path={m.clip_score.path}"]
 
 
 def _train(tiny_models, tiny_embeddings, out, *overrides, nproc=2):
