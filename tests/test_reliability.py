@@ -117,6 +117,17 @@ def test_nan_reward_on_one_rank_skips_the_step_everywhere(straight, tiny_models,
     assert checkpoint.verify(out / "checkpoint-2")["skipped"] == 4
 
 
+def test_nan_loss_on_one_rank_skips_those_updates_everywhere(straight, tiny_models, tiny_embeddings, tmp_path):
+    out = tmp_path / "run"
+    _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=3", "checkpoint_start=0", "checkpoint_every=1",
+              "max_consecutive_skips=10", script=("tests/helpers/train_with_faults.py", "nan-loss@1:1")))
+    metrics = _metrics(out)
+    assert [metrics[s]["skipped_updates"] for s in range(3)] == [0, 4, 0]
+    assert _same_weights(out / "checkpoint-0", straight / "checkpoint-0")
+    assert _same_weights(out / "checkpoint-1", out / "checkpoint-0"), "a skipped update changed parameters"
+    assert not _same_weights(out / "checkpoint-2", out / "checkpoint-1")
+
+
 def test_too_many_consecutive_skips_stop_the_run(tiny_models, tiny_embeddings, tmp_path):
     result = _run(_cmd(tiny_models, tiny_embeddings, tmp_path / "run", "max_steps=4", "max_consecutive_skips=2",
                        script=("tests/helpers/train_with_faults.py", "nan-reward@1:*")), expect=None)

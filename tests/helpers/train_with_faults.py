@@ -3,6 +3,7 @@
     torchrun ... tests/helpers/train_with_faults.py FAULT --config ... [overrides]
 
 FAULT: ``nan-reward@RANK:STEP`` (that rank's rewards are NaN at that step; STEP may be ``*``),
+``nan-loss@RANK:STEP`` (that rank's PPO loss is NaN in every update of that step),
 ``crash@RANK:STEP`` (that rank dies at the start of that step, on the first torchrun attempt only).
 The production code is unchanged: the fault is patched in from outside.
 """
@@ -34,6 +35,22 @@ def main() -> None:
                     group.rewards = torch.full_like(group.rewards, float("nan"))
 
         trainer.Trainer.score = score
+    elif kind == "nan-loss":
+        original_update = trainer.Trainer.update
+        original_loss = trainer.ppo_clip_loss
+
+        def update(self, groups, advantages):
+            def loss(*args, **kwargs):
+                value, stats = original_loss(*args, **kwargs)
+                return (value * float("nan"), stats) if hit(self) else (value, stats)
+
+            trainer.ppo_clip_loss = loss
+            try:
+                return original_update(self, groups, advantages)
+            finally:
+                trainer.ppo_clip_loss = original_loss
+
+        trainer.Trainer.update = update
     elif kind == "crash":
         original = trainer.Trainer.train_step
 
