@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,6 @@ from g2rpo.rollout import PromptEmbedding, RolloutResult, ode_sample, policy_log
 class Group:
     """One prompt group of this rank's step: its conditioning, rollout and rewards."""
 
-    position: int  # global position in the data schedule (keys the sampling seed)
     caption: str
     embedding: PromptEmbedding
     rollout: RolloutResult
@@ -51,7 +50,6 @@ class TrainState:
     step: int = 0  # the next step to run; also the data-schedule position
     skipped: int = 0  # optimiser updates skipped for non-finite values, in all
     consecutive_skips: int = 0
-    history: list[dict] = field(default_factory=list)
 
 
 class NonFiniteError(RuntimeError):
@@ -97,7 +95,7 @@ class Trainer:
             generator = torch.Generator().manual_seed(group_seed(self.cfg.seed, position))
             with self.engine.autocast():
                 result = singular_sde_rollout(module, embedding, self.cfg.sampling, generator, device=self.info.device)
-            groups.append(Group(position, caption, embedding, result))
+            groups.append(Group(caption, embedding, result))
         module.train()
         return groups
 
@@ -276,7 +274,6 @@ class Trainer:
                 self.logger.log_heldout(0, self.evaluate(self.heldout))
             for step in bar:
                 metrics = self.train_step(step)
-                self.state.history.append({"step": step, **metrics})
                 self.logger.log(step, metrics)
                 rewards = " ".join(f"{k.split('/')[1]}={metrics[k]:.4f}" for k in metrics
                                    if k.startswith("eval_reward/"))
