@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from g2rpo.io import atomic_write_bytes, atomic_write_text
+from g2rpo.io import atomic_write_text, write_png, write_png_grid
 
 # The paper's table columns, in order. ImageReward and UnifiedReward are not computed (see README).
 METRIC_COLUMNS = {"hps": "HPS-v2.1", "clip_score": "CLIP Score", "pickscore": "PickScore"}
@@ -81,12 +81,6 @@ def summary_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _load_png(path: Path) -> torch.Tensor:
     from PIL import Image
 
@@ -120,7 +114,7 @@ def main(argv=None) -> None:
             generator = torch.Generator(info.device).manual_seed(args.seed + i)
             image = pipe(prompts[i], height=args.height, width=args.width, num_inference_steps=args.steps,
                          guidance_scale=args.guidance, generator=generator).images[0]
-            atomic_write_bytes(images_dir / f"{i:05d}.png", _png_bytes(image))
+            write_png(images_dir / f"{i:05d}.png", image)
         del pipe
 
     rewards = {name: build_reward(name, models, info.device) for name in args.metrics}
@@ -144,18 +138,9 @@ def main(argv=None) -> None:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         atomic_write_text(args.out / "settings.json", json.dumps({**settings, "world_size": info.world_size,
                                                                    "num_prompts": len(prompts)}, indent=2) + "\n")
-        _write_grid(args.out, merged[:16])
+        write_png_grid(args.out / "grid.png", torch.cat([_load_png(args.out / r["image"]) for r in merged[:16]]))
         for part in parts:
             part.unlink()
         print0(f"\n{args.out}: {len(merged)} images\n\n{summary_markdown(rows)}")
     teardown(0)
 
-
-def _write_grid(out: Path, records: list[dict]) -> None:
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    images = torch.cat([_load_png(out / r["image"]) for r in records])
-    grid = make_grid(images, nrow=4, padding=2)
-    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    atomic_write_bytes(out / "grid.png", _png_bytes(Image.fromarray(array)))

@@ -68,6 +68,27 @@ def atomic_directory(path: str | Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_png(path: str | Path, image) -> None:
+    """Write a PIL image, or a ``[3, H, W]`` float tensor in [0, 1], as PNG, atomically."""
+    import io
+
+    if isinstance(image, torch.Tensor):
+        from PIL import Image
+
+        array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        image = Image.fromarray(array)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_png_grid(path: str | Path, images: torch.Tensor, columns: int = 4) -> None:
+    """Images ``[M, 3, H, W]`` in [0, 1] as one PNG grid (``columns`` per row, 2 px padding), atomically."""
+    from torchvision.utils import make_grid
+
+    write_png(path, make_grid(images.float().cpu(), nrow=columns, padding=2))
+
+
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     """Save a state dict as safetensors, atomically. Tensors are made contiguous and unshared."""
     from safetensors.torch import save

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from g2rpo.io import atomic_write_bytes, atomic_write_text
+from g2rpo.io import atomic_write_bytes, atomic_write_text, write_png_grid
 
 
 class MetricsLogger:
@@ -79,15 +79,8 @@ class MetricsLogger:
         """A PNG grid of images ``[M, 3, H, W]`` in [0, 1] -> samples/step_XXXXX.png."""
         if not self.enabled:
             return None
-        from PIL import Image
-        from torchvision.utils import make_grid
-
-        grid = make_grid(images.float().cpu(), nrow=min(4, len(images)), padding=2)
-        array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
         path = self.out_dir / "samples" / f"step_{step:05d}.png"
-        atomic_write_bytes(path, buffer.getvalue())
+        write_png_grid(path, images)
         return path
 
     def close(self) -> None:

@@ -11,7 +11,6 @@ were generated with it. Files are written atomically; nothing is downloaded.
 """
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from g2rpo.data import read_prompt_file
-from g2rpo.io import atomic_write_bytes, atomic_write_text
+from g2rpo.io import atomic_write_text, write_png
 from g2rpo.models import load_flux_pipeline, resolve_dtype
 
 
@@ -61,9 +60,7 @@ def main(argv=None) -> None:
         generator = torch.Generator(device).manual_seed(args.seed + index)
         image = pipe(prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
                      guidance_scale=args.guidance, generator=generator).images[0]
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        atomic_write_bytes(args.out / f"{index:05d}.png", buffer.getvalue())
+        write_png(args.out / f"{index:05d}.png", image)
         print(f"[{index + 1}/{len(prompts)}] {args.out / f'{index:05d}.png'}  {prompt[:70]}")
 
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
