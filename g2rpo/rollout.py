@@ -94,6 +94,13 @@ class VelocityField:
         self.calls = 0
         self.sample_forwards = 0
 
+    @classmethod
+    def for_sampling(cls, policy, embedding: PromptEmbedding, cfg: SamplingConfig, device, micro_batch: int = 0,
+                     compute_dtype: torch.dtype | None = None) -> "VelocityField":
+        """The field at ``cfg``'s resolution and guidance (image position ids built for it)."""
+        h, w = latent_size(cfg.height, cfg.width)
+        return cls(policy, embedding, latent_image_ids(h, w, device=device), cfg.guidance, micro_batch, compute_dtype)
+
     def _forward(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = latents.shape[0]
         dtype = self.compute_dtype or latents.dtype
@@ -203,10 +210,16 @@ def anchor_trajectory(velocity: VelocityField, start: torch.Tensor, sigmas: torc
     return anchors, velocities
 
 
-def start_noise(generator: torch.Generator, packed_channels: int, height: int, width: int) -> torch.Tensor:
+def packed_channels(policy) -> int:
+    """Features per packed latent token: the transformer's ``in_channels`` (64 for FLUX)."""
+    config = getattr(policy, "config", None)
+    return config["in_channels"] if config is not None and "in_channels" in config else 64
+
+
+def start_noise(generator: torch.Generator, channels: int, height: int, width: int) -> torch.Tensor:
     """One start latent ``[1, L, C]``, drawn in the unpacked ``[1, C/4, H/8, W/8]`` layout as FluxPipeline does."""
     h, w = latent_size(height, width)
-    return pack_latents(torch.randn((1, packed_channels // 4, h, w), generator=generator, dtype=torch.float32))
+    return pack_latents(torch.randn((1, channels // 4, h, w), generator=generator, dtype=torch.float32))
 
 
 @torch.no_grad()
@@ -214,11 +227,8 @@ def ode_sample(policy, embedding: PromptEmbedding, cfg: SamplingConfig, generato
                device: torch.device | str | None = None) -> torch.Tensor:
     """The anchor's final latent ``[L, C]`` alone: deterministic sampling, for evaluation."""
     device = torch.device(device) if device is not None else embedding.prompt_embeds.device
-    config = getattr(policy, "config", None)
-    packed_channels = config["in_channels"] if config is not None and "in_channels" in config else 64
-    h, w = latent_size(cfg.height, cfg.width)
-    velocity = VelocityField(policy, embedding, latent_image_ids(h, w, device=device), cfg.guidance)
-    start = start_noise(generator, packed_channels, cfg.height, cfg.width).to(device)
+    velocity = VelocityField.for_sampling(policy, embedding, cfg, device)
+    start = start_noise(generator, packed_channels(policy), cfg.height, cfg.width).to(device)
     return anchor_trajectory(velocity, start[0], sigma_schedule(cfg.num_steps, cfg.shift).to(device))[0][-1]
 
 
@@ -229,26 +239,23 @@ def singular_sde_rollout(policy, embedding: PromptEmbedding, cfg: SamplingConfig
     """Roll out one prompt group (``cfg.group_size`` generations) as §3 describes."""
     device = torch.device(device) if device is not None else embedding.prompt_embeds.device
     embedding.validate(policy)
-    config = getattr(policy, "config", None)
-    packed_channels = config["in_channels"] if config is not None and "in_channels" in config else 64
-    h, w = latent_size(cfg.height, cfg.width)
+    channels = packed_channels(policy)
     n, ks, gs = cfg.group_size, list(cfg.branch_steps), list(cfg.granularities)
     sigmas = sigma_schedule(cfg.num_steps, cfg.shift).to(device)
 
     # All randomness up front, in a fixed order: the shared start noise, then one ξ per (k, n).
-    start = start_noise(generator, packed_channels, cfg.height, cfg.width).to(device)
+    start = start_noise(generator, channels, cfg.height, cfg.width).to(device)
     tokens = start.shape[1]
-    branch_noise = torch.randn((len(ks), n, tokens, packed_channels), generator=generator, dtype=torch.float32)
+    branch_noise = torch.randn((len(ks), n, tokens, channels), generator=generator, dtype=torch.float32)
     branch_noise = branch_noise.to(device)
 
-    velocity = VelocityField(policy, embedding, latent_image_ids(h, w, device=device), cfg.guidance,
-                             cfg.micro_batch, compute_dtype)
+    velocity = VelocityField.for_sampling(policy, embedding, cfg, device, cfg.micro_batch, compute_dtype)
 
     anchors, anchor_velocity = anchor_trajectory(velocity, start[0], sigmas, keep=ks)
 
-    next_latents = torch.empty((n, len(ks), tokens, packed_channels), device=device)
+    next_latents = torch.empty((n, len(ks), tokens, channels), device=device)
     old_log_probs = torch.empty((n, len(ks)), device=device)
-    completions = torch.empty((n, len(ks), len(gs), tokens, packed_channels), device=device)
+    completions = torch.empty((n, len(ks), len(gs), tokens, channels), device=device)
     for ki, k in enumerate(ks):
         a_k = anchors[k]
         if cfg.order == "shared":
@@ -280,9 +287,7 @@ def policy_log_probs(policy, embedding: PromptEmbedding, rollout: RolloutResult,
     """
     k = rollout.branch_steps[branch_index]
     a_k = rollout.anchor_latents[k][None]
-    h, w = latent_size(cfg.height, cfg.width)
-    velocity = VelocityField(policy, embedding, latent_image_ids(h, w, device=a_k.device), cfg.guidance,
-                             0, compute_dtype)
+    velocity = VelocityField.for_sampling(policy, embedding, cfg, a_k.device, compute_dtype=compute_dtype)
     v = velocity(a_k, rollout.sigmas[k])
     x_next = rollout.next_latents[:, branch_index]
     n = x_next.shape[0]
