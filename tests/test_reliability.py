@@ -204,3 +204,18 @@ def test_deepspeed_resume_is_bit_identical(tiny_models, tiny_embeddings, tmp_pat
     assert "at step 2" in result.stdout
     assert _same_weights(out / "checkpoint-2", straight_out / "checkpoint-2")
     assert _metrics(out)[2]["loss"] == _metrics(straight_out)[2]["loss"]
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached gaussian in the python state
+    saved = json.loads(json.dumps(checkpoint.rng_state()))  # as written to rng_rank*.json
+    first = (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(3).tolist())
+    checkpoint.set_rng_state(saved)
+    assert (random.random(), random.gauss(0, 1), np.random.rand(), torch.rand(3).tolist()) == first
