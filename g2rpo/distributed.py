@@ -144,20 +144,21 @@ class PolicyEngine:
 
         self.kind = engine_cfg.kind
         self.info = info
+        self.fsdp = self.kind == "fsdp" and info.world_size > 1  # one process runs the plain module
         self.max_grad_norm = optim_cfg.max_grad_norm
         self.autocast_dtype = torch.bfloat16 if (info.device.type == "cuda" and engine_cfg.mixed_precision == "bf16") \
             else None
         self.raw = model
         model = model.to(info.device).float().train()  # fp32 master weights
         blocks = _flux_block_classes()
-        if engine_cfg.activation_checkpointing and not (self.kind == "fsdp" and info.world_size > 1):
+        if engine_cfg.activation_checkpointing and not self.fsdp:
             model.enable_gradient_checkpointing()  # FSDP wraps its blocks with checkpoint_wrapper below
 
         def adamw(params):
             return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas),
                                      weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps)
 
-        if self.kind == "fsdp" and info.world_size > 1:
+        if self.fsdp:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
             from torch.distributed.fsdp import ShardingStrategy
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -206,6 +207,11 @@ class PolicyEngine:
             self.optimizer = adamw(self.module.parameters())
         self.scheduler = get_scheduler(optim_cfg.lr_scheduler, self.optimizer,
                                        num_warmup_steps=optim_cfg.warmup_steps, num_training_steps=total_updates)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        """The transformer inside a DDP or DeepSpeed wrapper (not for sharded FSDP)."""
+        return self.module.module if hasattr(self.module, "module") else self.module
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -258,7 +264,7 @@ class PolicyEngine:
         from pathlib import Path
 
         folder = Path(folder)
-        if self.kind == "fsdp" and self.info.world_size > 1:
+        if self.fsdp:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -269,7 +275,7 @@ class PolicyEngine:
         elif self.info.is_main:
             from g2rpo.io import save_safetensors
 
-            module = self.module.module if hasattr(self.module, "module") else self.module
+            module = self.unwrapped
             save_safetensors(module.state_dict(), folder / "model.safetensors")
             _torch_save_atomic(self.optimizer.state_dict(), folder / "optimizer.pt")
         if self.info.is_main:
@@ -281,7 +287,7 @@ class PolicyEngine:
         from g2rpo.io import load_state_dict_file
 
         folder = Path(folder)
-        if self.kind == "fsdp" and self.info.world_size > 1:
+        if self.fsdp:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -296,7 +302,7 @@ class PolicyEngine:
             if path is None:
                 raise ValueError(f"{folder / 'deepspeed'}: DeepSpeed found no checkpoint to load")
         else:
-            module = self.module.module if hasattr(self.module, "module") else self.module
+            module = self.unwrapped
             module.load_state_dict(load_state_dict_file(folder / "model.safetensors", "model state"), strict=True)
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.info.device,
                                                       weights_only=True))
@@ -304,7 +310,7 @@ class PolicyEngine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The unsharded fp32 weights on rank 0 (None on other ranks). Collective: call on every rank."""
-        if self.kind == "fsdp" and self.info.world_size > 1:
+        if self.fsdp:
             from torch.distributed.fsdp import FullStateDictConfig, StateDictType
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -318,14 +324,14 @@ class PolicyEngine:
             import deepspeed
 
             state = {}
-            for name, param in self.module.module.named_parameters():
+            for name, param in self.unwrapped.named_parameters():
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                     if self.info.is_main:
                         state[name] = param.detach().cpu().clone()
-            for name, buf in self.module.module.named_buffers():
+            for name, buf in self.unwrapped.named_buffers():
                 state[name] = buf.detach().cpu().clone()
         else:
-            module = self.module.module if hasattr(self.module, "module") else self.module
+            module = self.unwrapped
             state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.info.is_main else {}
         if not self.info.is_main:
             return None
