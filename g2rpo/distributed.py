@@ -7,6 +7,10 @@ Engines (``EngineConfig.kind``):
   bf16 autocast on CUDA, optional activation checkpointing on the blocks; gloo on CPU, NCCL on GPU.
 * ``deepspeed`` -- ZeRO stage 2 or 3 around a torch AdamW (no fused-op compilation).
 * ``ddp`` -- DistributedDataParallel, or the plain module when there is one process.
+
+Rollouts of a sharded engine (FSDP over several processes, ZeRO-3) run by default on a gathered
+copy (`RolloutWeights`, ``engine.rollout_weights``) instead of the wrapper, which would all-gather
+every block on every one of a step's ~140 forwards.
 """
 
 from __future__ import annotations
@@ -132,6 +136,65 @@ def _flux_block_classes():
     return (FluxTransformerBlock, FluxSingleTransformerBlock)
 
 
+class RolloutWeights:
+    """An unsharded, no-grad copy of the policy for rollouts, refreshed once per optimiser step.
+
+    Its Linear weights and biases are stored in the autocast dtype (bf16 on CUDA) -- exactly what
+    autocast would round them to on every call -- and everything else (the RMSNorm scales) in
+    float32, so under the same autocast it gives the sharded module's outputs without re-gathering
+    or re-casting the weights per forward. Costs one copy of the transformer per rank (bf16 FLUX.1-dev:
+    23.8 GB). Use it under the engine's ``autocast()``.
+    """
+
+    def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype | None, device: torch.device):
+        with torch.device("meta"):
+            replica = type(model).from_config(model.config)
+        replica.to_empty(device=device)
+        if compute_dtype is not None:
+            for layer in replica.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layer.to(compute_dtype)
+        self.module = replica.eval().requires_grad_(False)
+        self._params = dict(replica.named_parameters())
+        self.version = -1  # the engine's parameter version these weights hold
+
+    @torch.no_grad()
+    def load(self, full_params, version: int) -> None:
+        """Copy ``(name, full tensor)`` pairs in; every parameter of the copy must be given once."""
+        missing = set(self._params)
+        for name, tensor in full_params:
+            self._params[name].copy_(tensor)
+            missing.discard(name)
+        if missing:
+            raise RuntimeError(f"rollout weights: no value gathered for {sorted(missing)[:3]} ({len(missing)} in all)")
+        self.version = version
+
+
+def _fsdp_full_params(root):
+    """``(name, full parameter)`` of an FSDP model, gathering one FSDP unit at a time (peak: one block)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    names = {id(p): _clean_key(n) for n, p in root.named_parameters()}
+    for unit in FSDP.fsdp_modules(root):
+        nested = {id(p) for sub in FSDP.fsdp_modules(unit) if sub is not unit for p in sub.parameters()}
+        own = [p for p in unit.parameters() if id(p) not in nested]
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            for p in own:
+                yield names[id(p)], p
+
+
+def _zero3_full_params(model):
+    """``(name, full parameter)`` of a DeepSpeed ZeRO-3 model, gathering one layer's parameters at a time."""
+    import deepspeed
+
+    for prefix, layer in model.named_modules():
+        own = list(layer.named_parameters(recurse=False))
+        if own:
+            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
+                for name, p in own:
+                    yield f"{prefix}.{name}" if prefix else name, p
+
+
 class PolicyEngine:
     """The trainable transformer under an engine, with its optimiser and LR scheduler.
 
@@ -148,6 +211,10 @@ class PolicyEngine:
         self.max_grad_norm = optim_cfg.max_grad_norm
         self.autocast_dtype = torch.bfloat16 if (info.device.type == "cuda" and engine_cfg.mixed_precision == "bf16") \
             else None
+        self.version = 0  # bumped whenever the parameters change (optimiser step, state load)
+        zero3 = self.kind == "deepspeed" and engine_cfg.zero_stage == 3
+        self.replica = RolloutWeights(model, self.autocast_dtype, info.device) \
+            if engine_cfg.rollout_weights == "gathered" and (self.fsdp or zero3) else None
         self.raw = model
         model = model.to(info.device).float().train()  # fp32 master weights
         blocks = _flux_block_classes()
@@ -213,6 +280,18 @@ class PolicyEngine:
         """The transformer inside a DDP or DeepSpeed wrapper (not for sharded FSDP)."""
         return self.module.module if hasattr(self.module, "module") else self.module
 
+    def rollout_module(self) -> torch.nn.Module:
+        """What rollouts and sampling call: the gathered copy (refreshed if the weights changed since), else ``module``.
+
+        Collective when a refresh is due: every rank must call it at the same point.
+        """
+        if self.replica is None:
+            return self.module
+        if self.replica.version != self.version:
+            params = _fsdp_full_params(self.module) if self.fsdp else _zero3_full_params(self.unwrapped)
+            self.replica.load(params, self.version)
+        return self.replica.module
+
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -248,6 +327,7 @@ class PolicyEngine:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.version += 1
         return norm
 
     def skip_step(self) -> None:
@@ -307,6 +387,7 @@ class PolicyEngine:
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.info.device,
                                                       weights_only=True))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        self.version += 1
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The unsharded fp32 weights on rank 0 (None on other ranks). Collective: call on every rank."""

@@ -1,4 +1,4 @@
-"""scripts/benchmark/bench_rollout.py: the analytic FLOP count, and the 1-iteration smoke run CI does."""
+"""scripts/benchmark/: bench_rollout's analytic FLOP count, and the 1-iteration smoke runs CI does of both benchmarks."""
 
 import dataclasses
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ENV, ROOT, TORCHRUN, model_overrides
 from g2rpo.config import SamplingConfig
 from g2rpo.rollout import expected_cost
 from g2rpo.tiny import TINY_TRANSFORMER_CONFIG
@@ -48,3 +48,24 @@ def test_benchmark_smoke_run_agrees_and_counts():
         assert [int(rows[order][0]), int(rows[order][1])] == [cost["calls"], cost["sample_forwards"]]
         assert int(rows[order][2]) == 4 * 3 * 2  # VAE decodes: N x K x G
     assert int(rows["shared"][3]) < int(rows["reference"][3])  # batched reward calls
+
+
+def _table(stdout: str) -> dict[str, list[str]]:
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| variant")}
+
+
+def test_train_step_benchmark_smoke_run(tiny_models, tiny_embeddings, tmp_path):
+    """Two FSDP ranks through the real Trainer: the three variants agree and count as the closed form says."""
+    cmd = [*TORCHRUN, str(ROOT / "scripts/benchmark/bench_train_step.py"), "--smoke", *model_overrides(tiny_models),
+           f"data.index={tiny_embeddings / 'index.jsonl'}", f"output_dir={tmp_path / 'out'}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _table(result.stdout)
+    assert list(rows) == ["reference", "shared", "shared+gathered"]
+    smoke = SamplingConfig(num_steps=6, branch_steps=[0, 2], group_size=3, height=32, width=32)
+    for name, order in (("reference", "reference"), ("shared", "shared"), ("shared+gathered", "shared")):
+        cost = expected_cost(dataclasses.replace(smoke, order=order))
+        assert [int(rows[name][0]), int(rows[name][1])] == [cost["calls"], cost["sample_forwards"]]
+        assert float(rows[name][-1]) < 1e-5  # max |Δ completions| against the reference order
+    assert rows["reference"][4] == "-" and float(rows["shared+gathered"][4]) > 0  # the update ran once, on ours
