@@ -207,6 +207,10 @@ class EngineConfig:
     unsharded copy (Linear weights in the autocast dtype) and roll out from it -- same outputs, no per-forward
     all-gathers, one extra bf16 copy of the transformer per rank (23.8 GB for FLUX.1-dev); sharded = roll out
     through the wrapper, re-gathering every block on every forward (the reference's way, least memory)."""
+    compile_rollout: bool = False
+    """torch.compile the module rollouts and held-out sampling run on (not the training forward): equal to eager
+    up to float rounding; each new batch shape compiles first (~20 s on CPU). With FSDP or ZeRO-3 it needs
+    rollout_weights=gathered."""
 
     def __post_init__(self):
         if self.kind not in ("fsdp", "deepspeed", "ddp"):
@@ -222,6 +226,10 @@ class EngineConfig:
             raise ValueError(f"engine.offload=true needs engine.kind=deepspeed (got {self.kind!r})")
         if self.rollout_weights not in ("gathered", "sharded"):
             raise ValueError(f"engine.rollout_weights={self.rollout_weights!r}: expected gathered or sharded")
+        sharding = self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage == 3)
+        if self.compile_rollout and sharding and self.rollout_weights == "sharded":
+            raise ValueError(f"engine.compile_rollout=true with engine.kind={self.kind} needs "
+                             f"engine.rollout_weights=gathered (a sharded module is not compiled for rollouts)")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"engine.device={self.device!r}: expected auto, cuda or cpu")
 

@@ -215,6 +215,8 @@ class PolicyEngine:
         zero3 = self.kind == "deepspeed" and engine_cfg.zero_stage == 3
         self.replica = RolloutWeights(model, self.autocast_dtype, info.device) \
             if engine_cfg.rollout_weights == "gathered" and (self.fsdp or zero3) else None
+        self.compile_rollout = engine_cfg.compile_rollout
+        self._compiled = None
         self.raw = model
         model = model.to(info.device).float().train()  # fp32 master weights
         blocks = _flux_block_classes()
@@ -281,16 +283,23 @@ class PolicyEngine:
         return self.module.module if hasattr(self.module, "module") else self.module
 
     def rollout_module(self) -> torch.nn.Module:
-        """What rollouts and sampling call: the gathered copy (refreshed if the weights changed since), else ``module``.
+        """What rollouts and sampling call: the gathered copy (refreshed if the weights changed since), else ``module``;
+        compiled if ``engine.compile_rollout``.
 
         Collective when a refresh is due: every rank must call it at the same point.
         """
         if self.replica is None:
-            return self.module
-        if self.replica.version != self.version:
-            params = _fsdp_full_params(self.module) if self.fsdp else _zero3_full_params(self.unwrapped)
-            self.replica.load(params, self.version)
-        return self.replica.module
+            module = self.unwrapped if self.compile_rollout else self.module
+        else:
+            if self.replica.version != self.version:
+                params = _fsdp_full_params(self.module) if self.fsdp else _zero3_full_params(self.unwrapped)
+                self.replica.load(params, self.version)
+            module = self.replica.module
+        if not self.compile_rollout:
+            return module
+        if self._compiled is None:  # parameters are graph inputs: updating them in place needs no recompile
+            self._compiled = torch.compile(module)
+        return self._compiled
 
     def autocast(self):
         if self.autocast_dtype is None:

@@ -71,3 +71,35 @@ def test_gathered_rollouts_equal_sharded_ones_and_follow_each_step(kind, tiny_mo
     measured = json.loads(out.read_text())
     assert max(measured["diff"]) < 1e-5, measured  # a stale copy after the step differs by ~2 here
     assert measured["version"] == [0, 1]  # refreshed once per step, not per forward
+
+
+def test_compile_rollout_needs_gathered_weights_when_sharded():
+    with pytest.raises(ValueError, match="engine.compile_rollout=true with engine.kind=fsdp needs"):
+        EngineConfig(compile_rollout=True, rollout_weights="sharded")
+    EngineConfig(kind="ddp", compile_rollout=True, rollout_weights="sharded")  # nothing to gather
+
+
+@pytest.mark.slow
+def test_compiled_rollouts_equal_eager_and_follow_each_step(model, embedding):
+    """engine.compile_rollout: the compiled module rolls out as eager does, also after an optimiser step."""
+    from g2rpo.config import OptimConfig
+    from g2rpo.distributed import DistInfo, PolicyEngine
+    from g2rpo.rollout import policy_log_probs
+
+    torch.manual_seed(0)
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    engine = PolicyEngine(type(model).from_config(model.config), EngineConfig(kind="ddp", device="cpu",
+                                                                              compile_rollout=True),
+                          OptimConfig(lr=1e-2), 4, info)
+    engine.module.load_state_dict(model.state_dict())
+    for _ in range(2):
+        engine.module.eval()
+        compiled = engine.rollout_module()
+        assert compiled is not engine.module and compiled._orig_mod is engine.module
+        eager, got = _rollout(engine.module, embedding), _rollout(compiled, embedding)
+        torch.testing.assert_close(got.completions, eager.completions, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.old_log_probs, eager.old_log_probs, atol=1e-3, rtol=1e-5)
+        engine.module.train()
+        engine.backward(policy_log_probs(engine.module, embedding, eager, 0, CFG).mean())
+        engine.step()
+    assert not torch.equal(engine.module.x_embedder.weight, model.x_embedder.weight)  # the step changed weights

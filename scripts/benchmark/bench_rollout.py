@@ -3,6 +3,7 @@
     python scripts/benchmark/bench_rollout.py                 # tiny model on CPU (builds ckpt/tiny if missing)
     python scripts/benchmark/bench_rollout.py --smoke         # CI: tiny, small grid, one iteration
     python scripts/benchmark/bench_rollout.py --device cuda   # true-size FLUX.1-dev transformer, random bf16 weights
+    python scripts/benchmark/bench_rollout.py --compile       # plus our order on the torch.compiled transformer
 
 Phases: rollout (singular-SDE sampling with multi-granularity completions), decode (VAE) and reward
 (HPS-v2.1) of every completion, and the update's forwards/backwards. "reference" = the reference
@@ -62,6 +63,8 @@ def parse_args():
     p.add_argument("--height", type=int, default=None, help="default: 64 on CPU, 720 on CUDA")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)")
     p.add_argument("--skip-reference", action="store_true", help="time only our order")
+    p.add_argument("--compile", action="store_true", help="also time our order with the transformer torch.compiled "
+                   "(engine.compile_rollout); its first iteration compiles and is not reported")
     return p.parse_args()
 
 
@@ -106,16 +109,17 @@ def timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, decode_batch):
+def run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, decode_batch, policy=None):
     from g2rpo.models import decode_latents
 
     cfg = dataclasses.replace(cfg, order=order)
+    policy = transformer if policy is None else policy
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.autocast("cuda", dtype=dtype) if device == "cuda" else torch.autocast("cpu", enabled=False):
-        result, t_rollout = timed(lambda: singular_sde_rollout(transformer, embedding, cfg, torch.Generator().manual_seed(0),
+        result, t_rollout = timed(lambda: singular_sde_rollout(policy, embedding, cfg, torch.Generator().manual_seed(0),
                                                                device=device), device)
-    row = {"order": order, "calls": result.num_calls, "sample_forwards": result.num_sample_forwards,
+    row = {"order": order if policy is transformer else f"{order}+compiled", "calls": result.num_calls, "sample_forwards": result.num_sample_forwards,
            "rollout_s": t_rollout}
     latents = result.completions.flatten(0, 2)
     if vae is not None:
@@ -154,10 +158,15 @@ def main():
     for order in orders:
         for _ in range(args.iters):  # keep the last iteration (the first warms up allocators and kernels)
             rows[order], results[order] = run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, 16)
-    if len(results) == 2:
-        diff = (results["reference"].completions - results["shared"].completions).abs().max().item()
-        assert diff < (1e-4 if device == "cpu" else 5e-2), f"orders disagree: max |Δ completions| = {diff}"
-        print(f"reference and shared completions agree: max |Δ| = {diff:.2e}")
+    if args.compile:
+        compiled = torch.compile(transformer)
+        for _ in range(max(2, args.iters)):
+            rows["compiled"], results["compiled"] = run_order("shared", transformer, vae, reward, embedding, cfg, dtype,
+                                                              device, 16, policy=compiled)
+    for name in [n for n in results if "reference" in results and n != "reference"]:
+        diff = (results["reference"].completions - results[name].completions).abs().max().item()
+        assert diff < (1e-4 if device == "cpu" else 5e-2), f"{name} disagrees: max |Δ completions| = {diff}"
+        print(f"reference and {rows[name]['order']} completions agree: max |Δ| = {diff:.2e}")
     tokens = (cfg.height // 16) * (cfg.width // 16)
     config = dict(transformer.config)
     columns = ["order", "calls", "sample_forwards", "decodes", "reward_calls", "rollout_s", "decode_s", "reward_s",
@@ -174,10 +183,9 @@ def main():
     for row in rows.values():
         print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
                                 for c in columns) + " |")
-    if len(rows) == 2:
-        ratio = {k: rows["reference"][k] / rows["shared"][k] for k in ("rollout_s", "decode_s", "reward_s")
-                 if k in rows["shared"]}
-        print("\nreference / ours: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    for name in [n for n in rows if "reference" in rows and n != "reference"]:
+        ratio = {k: rows["reference"][k] / rows[name][k] for k in ("rollout_s", "decode_s", "reward_s") if k in rows[name]}
+        print(f"\nreference / {rows[name]['order']}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
 
 
 if __name__ == "__main__":

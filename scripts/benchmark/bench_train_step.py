@@ -13,7 +13,9 @@ one prompt group per rank:
 * ``reference``: the reference recipe's order (batch 1 per generation, nothing shared) through the
   FSDP wrapper, which all-gathers every block on every forward;
 * ``shared``: our evaluation order (shared evaluations, batched completions), still through the wrapper;
-* ``shared+gathered``: our order on weights gathered once (``engine.rollout_weights=gathered``, the default).
+* ``shared+gathered``: our order on weights gathered once (``engine.rollout_weights=gathered``, the default);
+* ``shared+gathered+compiled`` (with ``--compile``): the same, torch.compiled (``engine.compile_rollout``);
+  its first rollout compiles and is not reported.
 
 Then decode + score every completion (per image for ``reference``, batched otherwise) and the
 policy update (ours, once). Prints a markdown table on rank 0: transformer calls and
@@ -33,7 +35,8 @@ REFERENCE_GRID = ["sampling.num_steps=16", "sampling.branch_steps=[0,1,2,3,4,5,6
                   "sampling.group_size=12"]
 SMOKE_GRID = ["sampling.num_steps=6", "sampling.branch_steps=[0,2]", "sampling.group_size=3",
               "sampling.height=32", "sampling.width=32"]
-VARIANTS = {"reference": ("reference", False), "shared": ("shared", False), "shared+gathered": ("shared", True)}
+VARIANTS = {"reference": ("reference", False, False), "shared": ("shared", False, False),
+            "shared+gathered": ("shared", True, False), "shared+gathered+compiled": ("shared", True, True)}
 
 
 def parse_args():
@@ -43,6 +46,7 @@ def parse_args():
     p.add_argument("--smoke", action="store_true", help="small grid, one iteration (CI)")
     p.add_argument("--iters", type=int, default=1, help="rollouts per variant; the last is reported")
     p.add_argument("--sampling-as-configured", action="store_true", help="keep the config's sampling grid")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compiled rollout")
     return p.parse_args()
 
 
@@ -81,13 +85,16 @@ def main():
     engine, replica = trainer.engine, trainer.engine.replica
     reward_batch = {name: reward.batch_size for name, reward in trainer.rewards.items()}
     rows, results = {}, {}
-    for name, (order, gathered) in VARIANTS.items():
+    for name, (order, gathered, compiled) in VARIANTS.items():
+        if compiled and not args.compile:
+            continue
         if gathered and replica is None:
             print0(f"skipping {name}: engine {cfg.engine.kind} with {info.world_size} process(es) is not sharded")
             continue
         trainer.cfg.sampling = dataclasses.replace(cfg.sampling, order=order)
         engine.replica = replica if gathered else None
-        for _ in range(1 if args.smoke else args.iters):
+        engine.compile_rollout = compiled
+        for _ in range(max(1 if args.smoke else args.iters, 2 if compiled else 1)):
             groups, t_rollout = timed(lambda: trainer.rollout(0), info.device)
         per_image = name == "reference"
         trainer.cfg.decode_batch_size = 1 if per_image else cfg.decode_batch_size
