@@ -119,6 +119,66 @@ def test_rollout_policy_gives_ratio_one(transformer, embedding, shared):
         assert new.requires_grad
 
 
+def test_group_update_forward_equals_per_generation_forwards(transformer, embedding, shared):
+    """§5 with one forward at (a_k, σ_k) for the group == the reference's forward/backward per generation.
+
+    The policy is perturbed first so that ratios differ from 1 and the clip is active for some samples.
+    """
+    import copy
+
+    from g2rpo.loss import ppo_clip_loss
+
+    policy = copy.deepcopy(transformer)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 1e-2)
+    ki, clip = 4, 1e-4
+    advantages = torch.randn(12, generator=torch.Generator().manual_seed(7))
+    old = shared.old_log_probs[:, ki]
+
+    new = policy_log_probs(policy, embedding, shared, ki, REFERENCE)
+    loss, stats = ppo_clip_loss(new, old, advantages, clip)
+    assert 0 < stats["clip_frac"] < 1, (new - old)
+    grouped = torch.autograd.grad(loss, list(policy.parameters()))
+
+    per_generation = [torch.zeros_like(p) for p in policy.parameters()]
+    for n in range(12):
+        one = dataclasses.replace(shared, next_latents=shared.next_latents[n:n + 1])
+        new_n = policy_log_probs(policy, embedding, one, ki, REFERENCE)
+        loss_n, _ = ppo_clip_loss(new_n, old[n:n + 1], advantages[n:n + 1], clip)
+        for acc, grad in zip(per_generation, torch.autograd.grad(loss_n / 12, list(policy.parameters()))):
+            acc += grad
+    for (name, _), a, b in zip(policy.named_parameters(), grouped, per_generation):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_rollout_makes_no_host_syncs(transformer, embedding):
+    """No ``.item()`` / ``bool(tensor)`` / data-dependent shapes in the inner loop: on CUDA each would
+    stall the launch queue once per call. Checked on CPU at the dispatcher, where they all pass through."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncing = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in syncing:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cfg = dataclasses.replace(REFERENCE, branch_steps=[0, 3], group_size=3)
+    with Record() as record:
+        _rollout(transformer, embedding, cfg)
+    assert record.seen == []
+    with Record() as record:  # the probe itself sees a sync
+        bool(torch.ones(1).sum() > 0)
+    assert record.seen == ["aten._local_scalar_dense.default"]
+
+
 def test_rollout_validates_embeddings(transformer, embedding):
     bad = PromptEmbedding(embedding.prompt_embeds, torch.zeros(7), embedding.text_ids)
     with pytest.raises(ValueError, match="pooled_prompt_embeds dim 7"):

@@ -17,10 +17,12 @@ one prompt group per rank:
 * ``shared+gathered+compiled`` (with ``--compile``): the same, torch.compiled (``engine.compile_rollout``);
   its first rollout compiles and is not reported.
 
-Then decode + score every completion (per image for ``reference``, batched otherwise) and the
-policy update (ours, once). Prints a markdown table on rank 0: transformer calls and
-sample-forwards per group, wall time per phase (slowest rank), max |Δ completions| against the
-reference, and the ratios. Needs the tiny embeddings (``bash scripts/run_tiny.sh`` writes them).
+Then decode + score every completion (per image for ``reference``, batched otherwise), and time
+the policy update twice: the reference's way (per branch step, one forward/backward per
+generation at batch 1, then the optimiser step) on the ``reference`` row, and ours (one forward at
+``(a_k, σ_k)`` for the whole group; equal gradients, tests/test_rollout.py) on the last row. Prints
+a markdown table on rank 0: transformer calls and sample-forwards per group, wall time per phase
+(slowest rank), max |Δ completions| against the reference, and the ratios. Needs the tiny embeddings (``bash scripts/run_tiny.sh`` writes them).
 """
 
 import argparse
@@ -69,6 +71,27 @@ def timed(fn, device):
     return out, slowest(time.perf_counter() - start)
 
 
+def reference_update(trainer, groups, advantages) -> None:
+    """The reference's update: per branch step, a batch-1 forward/backward per generation, then one step."""
+    from g2rpo.loss import ppo_clip_loss
+    from g2rpo.rollout import policy_log_probs
+
+    cfg, engine = trainer.cfg, trainer.engine
+    n = cfg.sampling.group_size
+    for ki in range(len(cfg.sampling.branch_steps)):
+        for gi, group in enumerate(groups):
+            r = group.rollout
+            for j in range(n):
+                one = dataclasses.replace(r, next_latents=r.next_latents[j:j + 1])
+                with engine.autocast():
+                    new = policy_log_probs(engine.module, group.embedding, one, ki, cfg.sampling)
+                loss, _ = ppo_clip_loss(new, r.old_log_probs[j:j + 1, ki], advantages[gi * n + j:gi * n + j + 1, ki],
+                                        cfg.ppo.clip_range)
+                engine.backward(loss / (n * len(groups)))
+        engine.clip_grad_norm()
+        engine.step()
+
+
 def main():
     from g2rpo.config import TrainConfig, load_config
     from g2rpo.distributed import all_reduce, init_distributed, print0, teardown
@@ -108,6 +131,9 @@ def main():
     trainer.cfg.sampling = cfg.sampling
     trainer.cfg.decode_batch_size = cfg.decode_batch_size
     ours = list(results)[-1]
+    reference = results["reference"]
+    _, rows["reference"]["update_s"] = timed(lambda: reference_update(trainer, reference, trainer.advantages(reference)),
+                                             info.device)
     _, rows[ours]["update_s"] = timed(lambda: trainer.update(results[ours], trainer.advantages(results[ours])),
                                       info.device)
     for name, groups in results.items():
@@ -128,6 +154,10 @@ def main():
     print0("\nreference / variant: " + "; ".join(
         f"{name}: rollout {ref['rollout_s'] / row['rollout_s']:.2f}x, decode+reward "
         f"{ref['decode+reward_s'] / row['decode+reward_s']:.2f}x" for name, row in rows.items() if name != "reference"))
+    phases = ("rollout_s", "decode+reward_s", "update_s")
+    ref_step, our_step = sum(ref[k] for k in phases), sum(rows[ours][k] for k in phases)
+    print0(f"whole step: reference {ref_step:.3f} s, {ours} {our_step:.3f} s ({ref_step / our_step:.2f}x); "
+           f"update {ref['update_s'] / rows[ours]['update_s']:.2f}x")
     teardown(0)
 
 
