@@ -212,11 +212,6 @@ class PolicyEngine:
         self.autocast_dtype = torch.bfloat16 if (info.device.type == "cuda" and engine_cfg.mixed_precision == "bf16") \
             else None
         self.version = 0  # bumped whenever the parameters change (optimiser step, state load)
-        zero3 = self.kind == "deepspeed" and engine_cfg.zero_stage == 3
-        self.replica = RolloutWeights(model, self.autocast_dtype, info.device) \
-            if engine_cfg.rollout_weights == "gathered" and (self.fsdp or zero3) else None
-        self.compile_rollout = engine_cfg.compile_rollout
-        self._compiled = None
         self.raw = model
         model = model.to(info.device).float().train()  # fp32 master weights
         blocks = _flux_block_classes()
@@ -276,6 +271,12 @@ class PolicyEngine:
             self.optimizer = adamw(self.module.parameters())
         self.scheduler = get_scheduler(optim_cfg.lr_scheduler, self.optimizer,
                                        num_warmup_steps=optim_cfg.warmup_steps, num_training_steps=total_updates)
+        # after wrapping, so that the full model the wrapper sharded is gone before the copy is allocated
+        zero3 = self.kind == "deepspeed" and engine_cfg.zero_stage == 3
+        self.replica = RolloutWeights(self.raw, self.autocast_dtype, info.device) \
+            if engine_cfg.rollout_weights == "gathered" and (self.fsdp or zero3) else None
+        self.compile_rollout = engine_cfg.compile_rollout
+        self._compiled = None
 
     @property
     def unwrapped(self) -> torch.nn.Module:
