@@ -142,27 +142,39 @@ class RolloutWeights:
     Its Linear weights and biases are stored in the autocast dtype (bf16 on CUDA) -- exactly what
     autocast would round them to on every call -- and everything else (the RMSNorm scales) in
     float32, so under the same autocast it gives the sharded module's outputs without re-gathering
-    or re-casting the weights per forward. Costs one copy of the transformer per rank (bf16 FLUX.1-dev:
-    23.8 GB). Use it under the engine's ``autocast()``.
+    or re-casting the weights per forward. Costs one copy of the transformer per rank (FLUX.1-dev:
+    23.8 GB in bf16, 47.6 GB without autocast). ``PolicyEngine.rollout_policy()`` refreshes and uses it.
     """
 
     def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype | None, device: torch.device):
         with torch.device("meta"):
             replica = type(model).from_config(model.config)
-        replica.to_empty(device=device)
-        if compute_dtype is not None:
+        if compute_dtype is not None:  # cast before allocating: never hold the copy in fp32
             for layer in replica.modules():
                 if isinstance(layer, torch.nn.Linear):
                     layer.to(compute_dtype)
+        replica.to_empty(device=device)
+        # the policy's attention processors (any the user set), matched by position: wrappers add no attention layers
+        sources = [m for m in model.modules() if hasattr(m, "set_processor")]
+        targets = [m for m in replica.modules() if hasattr(m, "set_processor")]
+        if len(sources) != len(targets):
+            raise RuntimeError(f"rollout weights: the policy has {len(sources)} attention layers, "
+                               f"its copy {len(targets)}")
+        for source, target in zip(sources, targets):
+            target.set_processor(source.processor)
         self.module = replica.eval().requires_grad_(False)
         self._params = dict(replica.named_parameters())
+        self.nbytes = sum(p.numel() * p.element_size() for p in self._params.values())
         self.version = -1  # the engine's parameter version these weights hold
 
     @torch.no_grad()
     def load(self, full_params, version: int) -> None:
-        """Copy ``(name, full tensor)`` pairs in; every parameter of the copy must be given once."""
+        """Copy ``(name, full tensor)`` pairs in; every parameter of the copy must be given exactly once."""
         missing = set(self._params)
         for name, tensor in full_params:
+            if name not in missing:
+                what = "twice" if name in self._params else "but the copy has no such parameter"
+                raise RuntimeError(f"rollout weights: {name!r} was gathered {what}")
             self._params[name].copy_(tensor)
             missing.discard(name)
         if missing:
@@ -277,17 +289,23 @@ class PolicyEngine:
             if engine_cfg.rollout_weights == "gathered" and (self.fsdp or zero3) else None
         self.compile_rollout = engine_cfg.compile_rollout
         self._compiled = None
+        if self.replica is not None and info.device.type == "cuda" and self.autocast_dtype is None:
+            print0(f"warning: engine.rollout_weights=gathered with mixed_precision=no keeps an fp32 copy of the "
+                   f"transformer on every GPU ({self.replica.nbytes / 1e9:.1f} GB); set engine.rollout_weights=sharded "
+                   f"if memory is short")
 
     @property
     def unwrapped(self) -> torch.nn.Module:
         """The transformer inside a DDP or DeepSpeed wrapper (not for sharded FSDP)."""
         return self.module.module if hasattr(self.module, "module") else self.module
 
-    def rollout_module(self) -> torch.nn.Module:
-        """What rollouts and sampling call: the gathered copy (refreshed if the weights changed since), else ``module``;
-        compiled if ``engine.compile_rollout``.
+    @contextlib.contextmanager
+    def rollout_policy(self):
+        """``with engine.rollout_policy() as policy:`` what rollouts and sampling call, without gradients'
+        bookkeeping: the gathered copy (refreshed first if the weights changed), else ``module`` in eval
+        mode; torch.compiled if ``engine.compile_rollout``; under the engine's autocast.
 
-        Collective when a refresh is due: every rank must call it at the same point.
+        Collective when a refresh is due: every rank must enter it at the same point.
         """
         if self.replica is None:
             module = self.unwrapped if self.compile_rollout else self.module
@@ -296,11 +314,18 @@ class PolicyEngine:
                 params = _fsdp_full_params(self.module) if self.fsdp else _zero3_full_params(self.unwrapped)
                 self.replica.load(params, self.version)
             module = self.replica.module
-        if not self.compile_rollout:
-            return module
-        if self._compiled is None:  # parameters are graph inputs: updating them in place needs no recompile
-            self._compiled = torch.compile(module)
-        return self._compiled
+        if self.compile_rollout and (self._compiled is None or self._compiled._orig_mod is not module):
+            self._compiled = torch.compile(module)  # parameters are graph inputs: in-place updates need no recompile
+        self.module.eval()
+        try:
+            with self.autocast():
+                yield self._compiled if self.compile_rollout else module
+        finally:
+            self.module.train()
+
+    def mark_weights_changed(self) -> None:
+        """Call after changing the parameters outside ``step`` / ``load_state``: the next rollout re-gathers."""
+        self.version += 1
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -337,7 +362,7 @@ class PolicyEngine:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.version += 1
+        self.mark_weights_changed()
         return norm
 
     def skip_step(self) -> None:
@@ -397,7 +422,7 @@ class PolicyEngine:
             self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.info.device,
                                                       weights_only=True))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        self.version += 1
+        self.mark_weights_changed()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The unsharded fp32 weights on rank 0 (None on other ranks). Collective: call on every rank."""

@@ -87,16 +87,13 @@ class Trainer:
 
     def rollout(self, step: int) -> list[Group]:
         groups = []
-        policy = self.engine.rollout_module()
-        self.engine.module.eval()
-        for position in self.schedule.positions(step, self.info.rank):
-            embedding, caption = self.dataset[self.schedule.item(position)]
-            embedding = embedding.to(self.info.device)
-            generator = torch.Generator().manual_seed(group_seed(self.cfg.seed, position))
-            with self.engine.autocast():
+        with self.engine.rollout_policy() as policy:
+            for position in self.schedule.positions(step, self.info.rank):
+                embedding, caption = self.dataset[self.schedule.item(position)]
+                embedding = embedding.to(self.info.device)
+                generator = torch.Generator().manual_seed(group_seed(self.cfg.seed, position))
                 result = singular_sde_rollout(policy, embedding, self.cfg.sampling, generator, device=self.info.device)
-            groups.append(Group(caption, embedding, result))
-        self.engine.module.train()
+                groups.append(Group(caption, embedding, result))
         return groups
 
     def score(self, groups: list[Group]) -> None:
@@ -211,19 +208,18 @@ class Trainer:
         Collective under FSDP/DeepSpeed: every rank must call it (prompts are split across ranks).
         """
         s = self.cfg.sampling
-        policy = self.engine.rollout_module()
-        self.engine.module.eval()
+        mine = range(self.info.rank, len(dataset), self.info.world_size)
+        latents = {}
+        with self.engine.rollout_policy() as policy:
+            for i in mine:
+                embedding = dataset[i][0].to(self.info.device)
+                latents[i] = ode_sample(policy, embedding, s, torch.Generator().manual_seed(seed + i), self.info.device)
         totals = torch.zeros(len(self.rewards))
         count = torch.zeros(())
-        for i in range(self.info.rank, len(dataset), self.info.world_size):
-            embedding, caption = dataset[i]
-            embedding = embedding.to(self.info.device)
-            with self.engine.autocast():
-                latent = ode_sample(policy, embedding, s, torch.Generator().manual_seed(seed + i), self.info.device)
-            image = decode_latents(self.vae, latent[None], s.height, s.width)
-            totals += torch.stack([reward.score(image, [caption])[0].cpu() for reward in self.rewards.values()])
+        for i in mine:  # decoded and scored outside the policy's autocast
+            image = decode_latents(self.vae, latents[i][None], s.height, s.width)
+            totals += torch.stack([reward.score(image, [dataset[i][1]])[0].cpu() for reward in self.rewards.values()])
             count += 1
-        self.engine.module.train()
         totals, count = all_reduce(totals, "sum"), all_reduce(count, "sum")
         return {name: (totals[i] / count).item() for i, name in enumerate(self.rewards)}
 

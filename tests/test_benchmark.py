@@ -1,4 +1,4 @@
-"""scripts/benchmark/: bench_rollout's analytic FLOP count, and the 1-iteration smoke runs CI does of both benchmarks."""
+"""scripts/benchmark/: bench_rollout's analytic FLOP count, and the smoke runs CI does of both benchmarks."""
 
 import dataclasses
 import subprocess

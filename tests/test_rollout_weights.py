@@ -50,10 +50,16 @@ def test_copy_matches_the_fp32_model_under_the_same_autocast(model, embedding, c
         assert not torch.allclose(expected.completions, _rollout(model, embedding).completions, atol=1e-4)
 
 
-def test_missing_parameters_are_named(model):
+def test_missing_unknown_or_repeated_parameters_are_named(model):
     copy = RolloutWeights(model, None, torch.device("cpu"))
+    params = list(model.named_parameters())
     with pytest.raises(RuntimeError, match="no value gathered for .*x_embedder"):
-        copy.load([(n, p) for n, p in model.named_parameters() if not n.startswith("x_embedder")], version=0)
+        copy.load([(n, p) for n, p in params if not n.startswith("x_embedder")], version=0)
+    with pytest.raises(RuntimeError, match=f"'{params[0][0]}' was gathered twice"):
+        copy.load(params[:1] + params, version=0)
+    with pytest.raises(RuntimeError, match="'extra.weight' was gathered but the copy has no such parameter"):
+        copy.load(params + [("extra.weight", params[0][1])], version=0)
+    assert copy.version == -1  # nothing was marked loaded
 
 
 def test_rollout_weights_option_is_validated():
@@ -61,15 +67,16 @@ def test_rollout_weights_option_is_validated():
         EngineConfig(rollout_weights="full")
 
 
-@pytest.mark.parametrize("kind", ["fsdp", pytest.param("deepspeed", marks=pytest.mark.slow)])
-def test_gathered_rollouts_equal_sharded_ones_and_follow_each_step(kind, tiny_models, tmp_path):
-    """Two ranks (FSDP FULL_SHARD, or ZeRO-3): same rollouts before and after an optimiser step."""
+@pytest.mark.parametrize("kind,compiled", [("fsdp", "0"), pytest.param("deepspeed", "0", marks=pytest.mark.slow),
+                                           pytest.param("fsdp", "1", marks=pytest.mark.slow)])
+def test_gathered_rollouts_equal_sharded_ones_and_follow_each_step(kind, compiled, tiny_models, tmp_path):
+    """Two ranks (FSDP FULL_SHARD, or ZeRO-3; torch.compiled or not): same rollouts before and after a step."""
     out = tmp_path / "result.json"
-    cmd = [*TORCHRUN, str(ROOT / "tests/helpers/rollout_weights.py"), tiny_models.flux.path, kind, str(out)]
+    cmd = [*TORCHRUN, str(ROOT / "tests/helpers/rollout_weights.py"), tiny_models.flux.path, kind, compiled, str(out)]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     measured = json.loads(out.read_text())
-    assert max(measured["diff"]) < 1e-5, measured  # a stale copy after the step differs by ~2 here
+    assert max(measured["diff"]) < 1e-4, measured  # a stale copy after the step differs by ~2 here
     assert measured["version"] == [0, 1]  # refreshed once per step, not per forward
 
 
@@ -93,13 +100,11 @@ def test_compiled_rollouts_equal_eager_and_follow_each_step(model, embedding):
                           OptimConfig(lr=1e-2), 4, info)
     engine.module.load_state_dict(model.state_dict())
     for _ in range(2):
-        engine.module.eval()
-        compiled = engine.rollout_module()
-        assert compiled is not engine.module and compiled._orig_mod is engine.module
-        eager, got = _rollout(engine.module, embedding), _rollout(compiled, embedding)
+        with engine.rollout_policy() as compiled:
+            assert compiled is not engine.module and compiled._orig_mod is engine.module
+            eager, got = _rollout(engine.module, embedding), _rollout(compiled, embedding)
         torch.testing.assert_close(got.completions, eager.completions, atol=1e-4, rtol=0)
         torch.testing.assert_close(got.old_log_probs, eager.old_log_probs, atol=1e-3, rtol=1e-5)
-        engine.module.train()
         engine.backward(policy_log_probs(engine.module, embedding, eager, 0, CFG).mean())
         engine.step()
     assert not torch.equal(engine.module.x_embedder.weight, model.x_embedder.weight)  # the step changed weights

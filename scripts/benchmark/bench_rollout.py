@@ -119,7 +119,8 @@ def run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, de
     with torch.autocast("cuda", dtype=dtype) if device == "cuda" else torch.autocast("cpu", enabled=False):
         result, t_rollout = timed(lambda: singular_sde_rollout(policy, embedding, cfg, torch.Generator().manual_seed(0),
                                                                device=device), device)
-    row = {"order": order if policy is transformer else f"{order}+compiled", "calls": result.num_calls, "sample_forwards": result.num_sample_forwards,
+    row = {"order": order if policy is transformer else f"{order}+compiled", "calls": result.num_calls,
+           "sample_forwards": result.num_sample_forwards,
            "rollout_s": t_rollout}
     latents = result.completions.flatten(0, 2)
     if vae is not None:
@@ -184,7 +185,8 @@ def main():
         print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
                                 for c in columns) + " |")
     for name in [n for n in rows if "reference" in rows and n != "reference"]:
-        ratio = {k: rows["reference"][k] / rows[name][k] for k in ("rollout_s", "decode_s", "reward_s") if k in rows[name]}
+        ratio = {k: rows["reference"][k] / rows[name][k]
+                 for k in ("rollout_s", "decode_s", "reward_s") if k in rows[name]}
         print(f"\nreference / {rows[name]['order']}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
 
 

@@ -13,7 +13,8 @@ one prompt group per rank:
 * ``reference``: the reference recipe's order (batch 1 per generation, nothing shared) through the
   FSDP wrapper, which all-gathers every block on every forward;
 * ``shared``: our evaluation order (shared evaluations, batched completions), still through the wrapper;
-* ``shared+gathered``: our order on weights gathered once (``engine.rollout_weights=gathered``, the default);
+* ``shared+gathered``: our order on weights gathered once (``engine.rollout_weights=gathered``, the default;
+  the timed rollout includes that gather, as every training step does);
 * ``shared+gathered+compiled`` (with ``--compile``): the same, torch.compiled (``engine.compile_rollout``);
   its first rollout compiles and is not reported.
 
@@ -22,7 +23,8 @@ the policy update twice: the reference's way (per branch step, one forward/backw
 generation at batch 1, then the optimiser step) on the ``reference`` row, and ours (one forward at
 ``(a_k, σ_k)`` for the whole group; equal gradients, tests/test_rollout.py) on the last row. Prints
 a markdown table on rank 0: transformer calls and sample-forwards per group, wall time per phase
-(slowest rank), max |Δ completions| against the reference, and the ratios. Needs the tiny embeddings (``bash scripts/run_tiny.sh`` writes them).
+(slowest rank), max |Δ completions| against the reference, and the ratios. Needs the tiny
+embeddings (``bash scripts/run_tiny.sh`` writes them).
 """
 
 import argparse
@@ -118,6 +120,7 @@ def main():
         engine.replica = replica if gathered else None
         engine.compile_rollout = compiled
         for _ in range(max(1 if args.smoke else args.iters, 2 if compiled else 1)):
+            engine.mark_weights_changed()  # as after an optimiser step: the gathered variants pay their refresh
             groups, t_rollout = timed(lambda: trainer.rollout(0), info.device)
         per_image = name == "reference"
         trainer.cfg.decode_batch_size = 1 if per_image else cfg.decode_batch_size
@@ -132,8 +135,9 @@ def main():
     trainer.cfg.decode_batch_size = cfg.decode_batch_size
     ours = list(results)[-1]
     reference = results["reference"]
-    _, rows["reference"]["update_s"] = timed(lambda: reference_update(trainer, reference, trainer.advantages(reference)),
-                                             info.device)
+    trainer.update(results[ours], trainer.advantages(results[ours]))  # warm-up: optimiser state, backward hooks
+    advantages = trainer.advantages(reference)
+    _, rows["reference"]["update_s"] = timed(lambda: reference_update(trainer, reference, advantages), info.device)
     _, rows[ours]["update_s"] = timed(lambda: trainer.update(results[ours], trainer.advantages(results[ours])),
                                       info.device)
     for name, groups in results.items():
@@ -141,7 +145,8 @@ def main():
         rows[name]["max|Δ|"] = all_reduce(diff, "max").item()
 
     s = cfg.sampling
-    print0(f"\n{info.world_size} x {info.device.type}, engine {cfg.engine.kind}, {s.height}x{s.width}, T={s.num_steps}, "
+    print0(f"\n{info.world_size} x {info.device.type}, engine {cfg.engine.kind}, {s.height}x{s.width}, "
+           f"T={s.num_steps}, "
            f"K={s.branch_steps}, G={s.granularities}, N={s.group_size}, rewards {list(trainer.rewards)}, "
            f"one group per rank\n")
     columns = ["calls", "sample_forwards", "rollout_s", "decode+reward_s", "update_s", "max|Δ|"]

@@ -1,10 +1,10 @@
 """torchrun helper for tests/test_rollout_weights.py: rollouts on the gathered copy == through the sharded wrapper.
 
-    torchrun --nproc_per_node=2 tests/helpers/rollout_weights.py FLUX_DIR KIND OUT_JSON
+    torchrun --nproc_per_node=2 tests/helpers/rollout_weights.py FLUX_DIR KIND COMPILE OUT_JSON
 
 Rolls out one group per rank through ``engine.module`` (re-gathering per forward) and through
-``engine.rollout_module()``, takes one optimiser step, and does it again; rank 0 writes the largest
-differences over both ranks, and the replica's version after each refresh.
+``engine.rollout_policy()`` (compiled if COMPILE is 1), takes one optimiser step, and does it again;
+rank 0 writes the largest differences over both ranks, and the copy's version after each refresh.
 """
 
 import json
@@ -21,17 +21,19 @@ from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollou
 def rollout_difference(engine, embedding, cfg):
     with engine.autocast():
         sharded = singular_sde_rollout(engine.module, embedding, cfg, torch.Generator().manual_seed(1))
-        gathered = singular_sde_rollout(engine.rollout_module(), embedding, cfg, torch.Generator().manual_seed(1))
+    with engine.rollout_policy() as policy:
+        gathered = singular_sde_rollout(policy, embedding, cfg, torch.Generator().manual_seed(1))
     diff = max((getattr(sharded, f) - getattr(gathered, f)).abs().max().item()
                for f in ("anchor_latents", "next_latents", "old_log_probs", "completions"))
     return all_reduce(torch.tensor(diff), "max").item(), sharded
 
 
-def main(flux_dir, kind, out):
+def main(flux_dir, kind, compile_rollout, out):
     info = init_distributed("cpu")
     torch.manual_seed(0)
     model = load_transformer(flux_dir, subfolder="transformer")
-    engine = PolicyEngine(model, EngineConfig(kind=kind, zero_stage=3, device="cpu"), OptimConfig(lr=1e-2), 4, info)
+    engine_cfg = EngineConfig(kind=kind, zero_stage=3, device="cpu", compile_rollout=compile_rollout == "1")
+    engine = PolicyEngine(model, engine_cfg, OptimConfig(lr=1e-2), 4, info)
     g = torch.Generator().manual_seed(100 + info.rank)  # a different prompt per rank
     config = engine.replica.module.config
     embedding = PromptEmbedding(torch.randn(8, config.joint_attention_dim, generator=g),
