@@ -209,16 +209,18 @@ class Trainer:
         """
         s = self.cfg.sampling
         mine = range(self.info.rank, len(dataset), self.info.world_size)
-        latents = {}
+        samples = []  # (latent, caption)
         with self.engine.rollout_policy() as policy:
             for i in mine:
-                embedding = dataset[i][0].to(self.info.device)
-                latents[i] = ode_sample(policy, embedding, s, torch.Generator().manual_seed(seed + i), self.info.device)
+                embedding, caption = dataset[i]
+                latent = ode_sample(policy, embedding.to(self.info.device), s, torch.Generator().manual_seed(seed + i),
+                                    self.info.device)
+                samples.append((latent, caption))
         totals = torch.zeros(len(self.rewards))
         count = torch.zeros(())
-        for i in mine:  # decoded and scored outside the policy's autocast
-            image = decode_latents(self.vae, latents[i][None], s.height, s.width)
-            totals += torch.stack([reward.score(image, [dataset[i][1]])[0].cpu() for reward in self.rewards.values()])
+        for latent, caption in samples:  # decoded and scored outside the policy's autocast
+            image = decode_latents(self.vae, latent[None], s.height, s.width)
+            totals += torch.stack([reward.score(image, [caption])[0].cpu() for reward in self.rewards.values()])
             count += 1
         totals, count = all_reduce(totals, "sum"), all_reduce(count, "sum")
         return {name: (totals[i] / count).item() for i, name in enumerate(self.rewards)}
