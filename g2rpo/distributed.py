@@ -301,9 +301,11 @@ class PolicyEngine:
 
     @contextlib.contextmanager
     def rollout_policy(self):
-        """``with engine.rollout_policy() as policy:`` what rollouts and sampling call, without gradients'
-        bookkeeping: the gathered copy (refreshed first if the weights changed), else ``module`` in eval
-        mode; torch.compiled if ``engine.compile_rollout``; under the engine's autocast.
+        """``with engine.rollout_policy() as policy:`` -- the module that rollouts and sampling call.
+
+        That is the gathered copy (re-gathered first if the weights changed since), else ``module``;
+        torch.compiled if ``engine.compile_rollout``. Inside, ``module`` is in eval mode and the
+        engine's autocast is on; leaving restores train mode.
 
         Collective when a refresh is due: every rank must enter it at the same point.
         """
