@@ -135,20 +135,18 @@ def main():
     trainer.cfg.decode_batch_size = cfg.decode_batch_size
     ours = list(results)[-1]
     reference = results["reference"]
-    trainer.update(results[ours], trainer.advantages(results[ours]))  # warm-up: optimiser state, backward hooks
-    advantages = trainer.advantages(reference)
-    _, rows["reference"]["update_s"] = timed(lambda: reference_update(trainer, reference, advantages), info.device)
-    _, rows[ours]["update_s"] = timed(lambda: trainer.update(results[ours], trainer.advantages(results[ours])),
-                                      info.device)
+    ref_advantages, our_advantages = trainer.advantages(reference), trainer.advantages(results[ours])
+    trainer.update(results[ours], our_advantages)  # warm-up: optimiser state, backward hooks
+    _, rows["reference"]["update_s"] = timed(lambda: reference_update(trainer, reference, ref_advantages), info.device)
+    _, rows[ours]["update_s"] = timed(lambda: trainer.update(results[ours], our_advantages), info.device)
     for name, groups in results.items():
         diff = (groups[0].rollout.completions - results["reference"][0].rollout.completions).abs().max()
         rows[name]["max|Δ|"] = all_reduce(diff, "max").item()
 
     s = cfg.sampling
     print0(f"\n{info.world_size} x {info.device.type}, engine {cfg.engine.kind}, {s.height}x{s.width}, "
-           f"T={s.num_steps}, "
-           f"K={s.branch_steps}, G={s.granularities}, N={s.group_size}, rewards {list(trainer.rewards)}, "
-           f"one group per rank\n")
+           f"T={s.num_steps}, K={s.branch_steps}, G={s.granularities}, N={s.group_size}, "
+           f"rewards {list(trainer.rewards)}, one group per rank\n")
     columns = ["calls", "sample_forwards", "rollout_s", "decode+reward_s", "update_s", "max|Δ|"]
     print0("| variant | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 1))
     for name, row in rows.items():
@@ -160,12 +158,10 @@ def main():
         f"{name}: rollout {ref['rollout_s'] / row['rollout_s']:.2f}x, decode+reward "
         f"{ref['decode+reward_s'] / row['decode+reward_s']:.2f}x" for name, row in rows.items() if name != "reference"))
     update = rows[ours]["update_s"]  # our update is the same code whichever way the rollout ran
-    ref_step = ref["rollout_s"] + ref["decode+reward_s"] + ref["update_s"]
+    step = {name: row["rollout_s"] + row["decode+reward_s"] + row.get("update_s", update) for name, row in rows.items()}
     print0(f"update: {ref['update_s'] / update:.2f}x; whole step (rollout + decode+reward + update): reference "
-           f"{ref_step:.3f} s; " + "; ".join(
-               f"{name} {row['rollout_s'] + row['decode+reward_s'] + update:.3f} s "
-               f"({ref_step / (row['rollout_s'] + row['decode+reward_s'] + update):.2f}x)"
-               for name, row in rows.items() if name != "reference"))
+           f"{step['reference']:.3f} s; " + "; ".join(f"{name} {t:.3f} s ({step['reference'] / t:.2f}x)"
+                                                     for name, t in step.items() if name != "reference"))
     teardown(0)
 
 
