@@ -35,13 +35,18 @@ def test_flop_formula_matches_torch_flop_counter(extra, tokens):
     assert transformer_flops(config, image, text) == pytest.approx(counter.get_total_flops(), rel=5e-3)
 
 
+def _table(stdout: str, header: str) -> dict[str, list[str]]:
+    """A benchmark's markdown table: first cell -> the other cells, for every row below the ``header`` row."""
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in stdout.splitlines() if line.startswith("| ") and not line.startswith(f"| {header} |")}
+
+
 def test_benchmark_smoke_run_agrees_and_counts():
     result = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark/bench_rollout.py"), "--smoke"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reference and shared completions agree" in result.stdout
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in result.stdout.splitlines() if line.startswith("| reference") or line.startswith("| shared")}
+    rows = _table(result.stdout, "order")
     smoke = SamplingConfig(num_steps=8, branch_steps=[0, 1, 2], group_size=4, height=32, width=32)
     for order in ("reference", "shared"):
         cost = expected_cost(dataclasses.replace(smoke, order=order))
@@ -50,18 +55,13 @@ def test_benchmark_smoke_run_agrees_and_counts():
     assert int(rows["shared"][3]) < int(rows["reference"][3])  # batched reward calls
 
 
-def _table(stdout: str) -> dict[str, list[str]]:
-    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| variant")}
-
-
 def test_train_step_benchmark_smoke_run(tiny_models, tiny_embeddings, tmp_path):
     """Two FSDP ranks through the real Trainer: the three variants agree and count as the closed form says."""
     cmd = [*TORCHRUN, str(ROOT / "scripts/benchmark/bench_train_step.py"), "--smoke", *model_overrides(tiny_models),
            f"data.index={tiny_embeddings / 'index.jsonl'}", f"output_dir={tmp_path / 'out'}"]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = _table(result.stdout)
+    rows = _table(result.stdout, "variant")
     assert list(rows) == ["reference", "shared", "shared+gathered"]
     smoke = SamplingConfig(num_steps=6, branch_steps=[0, 2], group_size=3, height=32, width=32)
     for name, order in (("reference", "reference"), ("shared", "shared"), ("shared+gathered", "shared")):

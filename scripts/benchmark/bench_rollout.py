@@ -120,8 +120,7 @@ def run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, de
         result, t_rollout = timed(lambda: singular_sde_rollout(policy, embedding, cfg, torch.Generator().manual_seed(0),
                                                                device=device), device)
     row = {"order": order if policy is transformer else f"{order}+compiled", "calls": result.num_calls,
-           "sample_forwards": result.num_sample_forwards,
-           "rollout_s": t_rollout}
+           "sample_forwards": result.num_sample_forwards, "rollout_s": t_rollout}
     latents = result.completions.flatten(0, 2)
     if vae is not None:
         batch = decode_batch if order == "shared" else 1
@@ -164,7 +163,8 @@ def main():
         for _ in range(max(2, args.iters)):
             rows["compiled"], results["compiled"] = run_order("shared", transformer, vae, reward, embedding, cfg, dtype,
                                                               device, 16, policy=compiled)
-    for name in [n for n in results if "reference" in results and n != "reference"]:
+    others = [name for name in rows if name != "reference"] if "reference" in rows else []
+    for name in others:
         diff = (results["reference"].completions - results[name].completions).abs().max().item()
         assert diff < (1e-4 if device == "cpu" else 5e-2), f"{name} disagrees: max |Δ completions| = {diff}"
         print(f"reference and {rows[name]['order']} completions agree: max |Δ| = {diff:.2e}")
@@ -184,7 +184,7 @@ def main():
     for row in rows.values():
         print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
                                 for c in columns) + " |")
-    for name in [n for n in rows if "reference" in rows and n != "reference"]:
+    for name in others:
         ratio = {k: rows["reference"][k] / rows[name][k]
                  for k in ("rollout_s", "decode_s", "reward_s") if k in rows[name]}
         print(f"\nreference / {rows[name]['order']}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
