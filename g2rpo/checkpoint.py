@@ -1,18 +1,22 @@
-"""Full-state checkpoints: save, verify, find the latest, resume.
+"""Full-state checkpoints: save, verify, find the latest, resume; the parallel transformer export.
 
 A checkpoint ``<output_dir>/checkpoint-<step>/`` holds
 
-* ``transformer/`` -- the exported diffusers weights (for inference; never purged);
+* ``transformer/`` -- the exported diffusers weights (``save_dtype``, bf16 by default, as FLUX.1-dev
+  ships), one safetensors shard per rank plus the index (for inference; never purged);
 * ``state/`` -- everything needed to continue: the engine's model + optimiser state (FSDP: a
-  sharded torch.distributed.checkpoint; DeepSpeed: its own ZeRO checkpoint; one process: plain
-  files), the LR scheduler, and every rank's RNG states (python, numpy, torch CPU and CUDA);
+  sharded torch.distributed.checkpoint; DeepSpeed: its own ZeRO checkpoint), the LR scheduler, and
+  every rank's RNG states (python, numpy, torch CPU and CUDA);
 * ``trainer_state.json`` -- the next step (which is also the data-schedule position), the world
   size, the engine, the config and a format version;
 * ``COMMITTED`` -- written last, with the size and SHA-256 of every file.
 
-Every rank writes into ``.checkpoint-<step>.tmp``; only after all ranks finished does rank 0 write
-``COMMITTED`` and rename the folder into place. A folder without a valid ``COMMITTED`` is ignored by
-`find_latest`; a file whose size or hash disagrees with it is named in the error, never loaded.
+Every rank writes its own files into ``.checkpoint-<step>.tmp`` and hashes them (`file_owner`), all
+at once; rank 0 gathers the hashes, writes ``COMMITTED`` and renames the folder into place. Resuming
+verifies the same way, each rank its own files. ``output_dir`` must be on a file system every rank
+sees (one folder, written by all nodes). The collectives that wait on this I/O run in a gloo group
+with their own time-out (``io_timeout_minutes``). A folder without a valid ``COMMITTED`` is ignored
+by `find_latest`; a file whose size or hash disagrees with it is named in the error, never loaded.
 """
 
 from __future__ import annotations
@@ -20,16 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from g2rpo.distributed import barrier, broadcast_object
-from g2rpo.io import atomic_write_text
+from g2rpo.distributed import all_gather_object, barrier
+from g2rpo.io import atomic_write_text, save_safetensors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: FSDP2 state (the model's own parameter names), exports sharded per rank
 MARKER = "COMMITTED"
 # Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_INVARIANTS = ("sampling.group_size", "sampling.height", "sampling.width", "sampling.num_steps",
@@ -43,6 +48,25 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# Files that name the rank that wrote them; everything else is rank 0's.
+_RANKED_FILES = (re.compile(r"__(\d+)_\d+\.distcp$"), re.compile(r"rng_rank(\d+)\.json$"),
+                 re.compile(r"zero_pp_rank_(\d+)_"), re.compile(r"-(\d+)-of-\d+\.safetensors$"))
+
+
+def file_owner(relative: str, world_size: int) -> int:
+    """The rank that hashes (and verifies) a checkpoint file: the one that wrote it where the name says so."""
+    for index, pattern in enumerate(_RANKED_FILES):
+        match = pattern.search(relative)
+        if match:
+            rank = int(match.group(1)) - (1 if index == 3 else 0)  # export shards count from 1
+            return rank % world_size
+    return 0
+
+
+def _file_entry(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def step_of(path: Path) -> int | None:
@@ -85,8 +109,12 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------ verify / find
 
 
-def verify(path: str | Path, checksums: bool = True) -> dict:
-    """Check ``COMMITTED`` against the files; returns trainer_state.json. Errors name the bad file."""
+def verify(path: str | Path, checksums: bool = True, rank: int = 0, world_size: int = 1) -> dict:
+    """Check ``COMMITTED`` against the files; returns trainer_state.json. Errors name the bad file.
+
+    With ``world_size > 1`` only the files `file_owner` gives to ``rank`` are checked, so that all
+    ranks together check every file once, in parallel.
+    """
     path = Path(path)
     marker = path / MARKER
     if not marker.is_file():
@@ -96,6 +124,8 @@ def verify(path: str | Path, checksums: bool = True) -> dict:
     except (ValueError, KeyError) as exc:
         raise ValueError(f"{marker}: unreadable ({exc})") from None
     for relative, expected in manifest.items():
+        if file_owner(relative, world_size) != rank:
+            continue
         file = path / relative
         if not file.is_file():
             raise ValueError(f"{file}: missing from checkpoint {path}")
@@ -140,34 +170,78 @@ def check_compatible(saved_config: dict, config: dict, saved_world: int, world: 
 # ------------------------------------------------------------------------------------ save / load
 
 
+def plan_export(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """``{parameter: rank}``: contiguous runs of parameters (in model order) of about equal size per rank."""
+    total = max(sum(sizes.values()), 1)
+    owners, offset = {}, 0
+    for name, numel in sizes.items():
+        owners[name] = min(world_size - 1, offset * world_size // total)
+        offset += numel
+    return owners
+
+
+def export_transformer(engine, folder: Path, dtype: torch.dtype, info) -> None:
+    """The transformer in diffusers format, written by every rank in parallel. Collective.
+
+    Each rank gathers the full parameters the plan gives it and writes them as one safetensors
+    shard; rank 0 adds ``config.json`` and, for several shards, the index diffusers reads.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    owners = plan_export(engine.param_sizes(), info.world_size)
+    mine = engine.gather_params(dtype, owners)
+    writers = sorted(set(owners.values()))
+    if len(writers) == 1:
+        names = {writers[0]: "diffusion_pytorch_model.safetensors"}
+    else:
+        names = {r: f"diffusion_pytorch_model-{i + 1:05d}-of-{len(writers):05d}.safetensors" for i, r in enumerate(writers)}
+    folder.mkdir(parents=True, exist_ok=True)
+    if mine:
+        save_safetensors(mine, folder / names[info.rank], metadata={"format": "pt"})
+    if info.is_main:
+        with torch.device("meta"):
+            FluxTransformer2DModel.from_config(engine.config).save_config(folder)
+        if len(writers) > 1:
+            element = torch.tensor([], dtype=dtype).element_size()
+            index = {"metadata": {"total_size": sum(engine.param_sizes().values()) * element},
+                     "weight_map": {name: names[rank] for name, rank in owners.items()}}
+            atomic_write_text(folder / "diffusion_pytorch_model.safetensors.index.json", json.dumps(index, indent=2))
+
+
 def save(trainer, step: int, keep_last: int | None) -> Path:
     """Write a committed full-state checkpoint after ``step``. Collective: every rank calls it."""
     from g2rpo.config import to_dict
 
-    info, out = trainer.info, trainer.out_dir
+    info, out, group = trainer.info, trainer.out_dir, trainer.io_group
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "state").mkdir(parents=True)
-    barrier()
-    trainer.engine.save_state(tmp / "state")
+    barrier(group)
+    trainer.engine.save_state(tmp / "state", group)
     atomic_write_text(tmp / "state" / f"rng_rank{info.rank}.json", json.dumps(rng_state()))
-    trainer.export_transformer(tmp / "transformer")  # collective gather, rank 0 writes
-    barrier()
+    save_dtype = torch.float32 if trainer.cfg.save_dtype == "float32" else torch.bfloat16
+    export_transformer(trainer.engine, tmp / "transformer", save_dtype, info)
     if info.is_main:
         atomic_write_text(tmp / "trainer_state.json", json.dumps({
             "format_version": FORMAT_VERSION, "step": step + 1, "world_size": info.world_size,
             "engine": trainer.cfg.engine.kind, "skipped": trainer.state.skipped, "config": to_dict(trainer.cfg),
         }, indent=2))
-        files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        atomic_write_text(tmp / MARKER, json.dumps({"files": files}, indent=1))
+    barrier(group)  # every file is written; each rank hashes its own
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    mine = {rel: _file_entry(tmp / rel) for rel in files if file_owner(rel, info.world_size) == info.rank}
+    entries = all_gather_object(mine, group)
+    if info.is_main:
+        manifest = {rel: entry for part in entries for rel, entry in part.items()}
+        for rel in files:  # a file its owner did not list (e.g. not yet visible on its node): hash it here
+            manifest.setdefault(rel, _file_entry(tmp / rel))
+        atomic_write_text(tmp / MARKER, json.dumps({"files": dict(sorted(manifest.items()))}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
         if keep_last:
             purge(out, keep_last)
-    barrier()
+    barrier(group)
     return final
 
 
@@ -199,25 +273,29 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
 
 
 def load(trainer, path: Path) -> None:
-    """Restore the engine, scheduler, RNG and step from a committed checkpoint. Collective."""
+    """Restore the engine, scheduler, RNG and step from a committed checkpoint. Collective.
+
+    Every rank verifies its own share of the files first (in parallel); any problem on any rank is
+    raised on all of them.
+    """
     from g2rpo.config import to_dict
 
-    info = trainer.info
-    problem = None
-    if info.is_main:
-        try:
-            state = verify(path, trainer.cfg.verify_checksums)
+    info, group = trainer.info, trainer.io_group
+    problem, state = None, None
+    try:
+        state = verify(path, trainer.cfg.verify_checksums, info.rank, info.world_size)
+        if info.is_main:
             check_compatible(state["config"], to_dict(trainer.cfg), state["world_size"], info.world_size,
                              trainer.cfg.engine.kind)
-        except (ValueError, FileNotFoundError) as exc:
-            problem, state = str(exc), None
-    problem, state = broadcast_object((problem, state if info.is_main else None))
-    if problem:
-        raise ValueError(problem)
-    trainer.engine.load_state(path / "state")
+    except (ValueError, FileNotFoundError) as exc:
+        problem = str(exc)
+    problems = [p for p in all_gather_object(problem, group) if p]
+    if problems:
+        raise ValueError(problems[0])
+    trainer.engine.load_state(path / "state", group)
     rng_file = path / "state" / f"rng_rank{info.rank}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
     trainer.state.step = state["step"]
     trainer.state.skipped = state.get("skipped", 0)
-    barrier()
+    barrier(group)

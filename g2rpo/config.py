@@ -26,6 +26,14 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------------------------
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_dtype(where: str, value: str) -> None:
+    if value not in DTYPES:
+        raise ValueError(f"{where}={value!r}: expected one of {', '.join(DTYPES)}")
+
+
 @dataclass
 class FluxModelConfig:
     path: str = "ckpt/flux"
@@ -34,8 +42,7 @@ class FluxModelConfig:
     """dtype the frozen parts (VAE, text encoders) and inference run in: float32 | bfloat16 | float16."""
 
     def __post_init__(self):
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"flux.dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+        _check_dtype("flux.dtype", self.dtype)
 
 
 @dataclass
@@ -45,13 +52,25 @@ class HPSModelConfig:
     base_dir: str = "ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K"
     """open_clip folder with the base weights (open_clip_model.safetensors or open_clip_pytorch_model.bin)."""
     checkpoint: str = "ckpt/hps/HPS_v2.1_compressed.pt"
-    """HPS-v2.1 fine-tuned weights, {"state_dict": ...}."""
+    """HPS-v2.1 fine-tuned weights, {"state_dict": ...}: every parameter of the model (the base weights are
+    not read; base_dir only defines an architecture hpsv2 does not bundle)."""
+    dtype: str = "float16"
+    """dtype the model is built and scored in: float32 | bfloat16 | float16 (the reference scores under fp16
+    autocast)."""
+
+    def __post_init__(self):
+        _check_dtype("hps.dtype", self.dtype)
 
 
 @dataclass
 class ClipScoreModelConfig:
     path: str = "ckpt/clip_score"
     """open_clip folder (open_clip_config.json + weights) of DFN5B-CLIP-ViT-H-14."""
+    dtype: str = "float16"
+    """dtype the model is built and scored in: float32 | bfloat16 | float16."""
+
+    def __post_init__(self):
+        _check_dtype("clip_score.dtype", self.dtype)
 
 
 @dataclass
@@ -60,6 +79,11 @@ class PickScoreModelConfig:
     """transformers CLIPModel folder of yuvalkirstain/PickScore_v1 (evaluation only)."""
     processor: str = "ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K"
     """folder with the CLIPProcessor files PickScore uses (the laion ViT-H-14 repo carries them)."""
+    dtype: str = "float16"
+    """dtype the model is loaded and scored in: float32 | bfloat16 | float16."""
+
+    def __post_init__(self):
+        _check_dtype("pickscore.dtype", self.dtype)
 
 
 @dataclass
@@ -189,47 +213,53 @@ class PPOConfig:
 @dataclass
 class EngineConfig:
     kind: str = "fsdp"
-    """fsdp | deepspeed | ddp (one process always runs the plain module)."""
+    """fsdp (FSDP2, any number of processes, one included) | deepspeed (ZeRO-2/3)."""
     fsdp_sharding: str = "full_shard"
-    """full_shard | shard_grad_op | no_shard."""
+    """full_shard (free each block's gathered weights after its forward) | shard_grad_op (keep them until backward)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 2 or 3."""
     mixed_precision: str = "bf16"
-    """bf16: autocast the transformer to bf16 on CUDA (weights stay fp32); no: fp32. CPU always runs fp32."""
+    """bf16: compute in bf16 with fp32 master weights (FSDP2: bf16 parameters and all-gathers, fp32 gradient
+    reduction; DeepSpeed: torch autocast) | fp32: everything in fp32 (the tiny CPU config)."""
     activation_checkpointing: bool = True
     """recompute each FLUX block's activations in the backward pass."""
     device: str = "auto"
     """auto (cuda if available) | cuda | cpu."""
     offload: bool = False
-    """DeepSpeed only: keep optimiser states (and, at ZeRO-3, parameters) in CPU memory."""
+    """keep the fp32 weights, gradients and AdamW states in CPU memory (FSDP2: CPUOffloadPolicy, the optimiser
+    steps on the CPU; DeepSpeed: optimiser states, and parameters at ZeRO-3): the one-GPU option."""
+    load_strategy: str = "slices"
+    """FSDP: how the weights reach the shards. slices = every rank reads only its rows of each tensor from the
+    safetensors files; broadcast = rank 0 reads each tensor and broadcasts it (docs/benchmarks.md compares)."""
     rollout_weights: str = "gathered"
-    """sharded engines (FSDP over >1 process, ZeRO-3): gathered = gather the weights once per step into an
-    unsharded copy (Linear weights in the autocast dtype) and roll out from it -- same outputs, no per-forward
-    all-gathers, one extra bf16 copy of the transformer per rank (23.8 GB for FLUX.1-dev); sharded = roll out
-    through the wrapper, re-gathering every block on every forward (the reference's way, least memory)."""
+    """gathered = before a step's rollouts gather every block once in the compute dtype and keep it until they
+    end (FSDP: unshard the units, no second model; ZeRO-3: an unsharded copy refreshed per optimiser step) --
+    same outputs, no collective per forward, one bf16 transformer per rank while rolling out (23.8 GB for
+    FLUX.1-dev); sharded = re-gather every block on every forward (the reference's way, least memory)."""
     compile_rollout: bool = False
     """torch.compile the module rollouts and held-out sampling run on (not the training forward): equal to eager
-    up to float rounding; each new batch shape compiles first (~20 s on CPU). With FSDP or ZeRO-3 it needs
-    rollout_weights=gathered."""
+    up to float rounding; each new batch shape compiles first (~20 s on CPU). DeepSpeed ZeRO-3 needs
+    rollout_weights=gathered for it."""
 
     def __post_init__(self):
-        if self.kind not in ("fsdp", "deepspeed", "ddp"):
-            raise ValueError(f"engine.kind={self.kind!r}: expected fsdp, deepspeed or ddp")
-        if self.fsdp_sharding not in ("full_shard", "shard_grad_op", "no_shard"):
-            raise ValueError(f"engine.fsdp_sharding={self.fsdp_sharding!r}: expected full_shard, shard_grad_op or "
-                             f"no_shard")
+        if self.kind not in ("fsdp", "deepspeed"):
+            hint = (" (DDP is gone: FSDP2 shards the 190 GB of fp32 weights, gradients and AdamW states that DDP "
+                    "would copy to every GPU)") if self.kind == "ddp" else ""
+            raise ValueError(f"engine.kind={self.kind!r}: expected fsdp or deepspeed{hint}")
+        if self.fsdp_sharding not in ("full_shard", "shard_grad_op"):
+            raise ValueError(f"engine.fsdp_sharding={self.fsdp_sharding!r}: expected full_shard or shard_grad_op")
         if self.zero_stage not in (2, 3):
             raise ValueError(f"engine.zero_stage={self.zero_stage}: expected 2 or 3")
-        if self.mixed_precision not in ("bf16", "no"):
-            raise ValueError(f"engine.mixed_precision={self.mixed_precision!r}: expected bf16 or no")
-        if self.offload and self.kind != "deepspeed":
-            raise ValueError(f"engine.offload=true needs engine.kind=deepspeed (got {self.kind!r})")
+        if self.mixed_precision not in ("bf16", "fp32"):
+            raise ValueError(f"engine.mixed_precision={self.mixed_precision!r}: expected bf16 or fp32")
+        if self.load_strategy not in ("slices", "broadcast"):
+            raise ValueError(f"engine.load_strategy={self.load_strategy!r}: expected slices or broadcast")
         if self.rollout_weights not in ("gathered", "sharded"):
             raise ValueError(f"engine.rollout_weights={self.rollout_weights!r}: expected gathered or sharded")
-        sharding = self.kind == "fsdp" or (self.kind == "deepspeed" and self.zero_stage == 3)
-        if self.compile_rollout and sharding and self.rollout_weights == "sharded":
-            raise ValueError(f"engine.compile_rollout=true with engine.kind={self.kind} needs "
-                             f"engine.rollout_weights=gathered (a sharded module is not compiled for rollouts)")
+        if self.compile_rollout and self.kind == "deepspeed" and self.zero_stage == 3 \
+                and self.rollout_weights == "sharded":
+            raise ValueError("engine.compile_rollout=true with engine.kind=deepspeed and zero_stage=3 needs "
+                             "engine.rollout_weights=gathered (a ZeRO-3 module is not compiled for rollouts)")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"engine.device={self.device!r}: expected auto, cuda or cpu")
 
@@ -267,16 +297,21 @@ class TrainConfig:
     checkpoint_every: int = 50
     checkpoint_start: int = 150
     """first step that may be checkpointed (then every checkpoint_every steps, and the last step)."""
-    save_dtype: str = "float32"
-    """dtype of exported transformer weights: float32 (exact) or bfloat16 (half the disk)."""
+    save_dtype: str = "bfloat16"
+    """dtype of the exported transformer (checkpoint-*/transformer): bfloat16 (as FLUX.1-dev ships, 23.8 GB) or
+    float32 (exact, 47.6 GB). The resumable state always keeps the fp32 weights."""
     sample_every: int = 10
     """write a PNG grid of this rank-0 step's anchor samples every N steps (0 = never)."""
     decode_batch_size: int = 16
     """VAE decodes per call when scoring completions."""
     resume: str = ""
     """"" (fresh start), "auto" (latest committed checkpoint in output_dir, else fresh), or a checkpoint path."""
-    keep_last: int = 0
-    """keep the resumable state of only the newest N checkpoints (0 = all); exported transformers stay."""
+    keep_last: int = 1
+    """keep the resumable state (FLUX.1-dev: 143 GB) of only the newest N checkpoints (0 = all); the exported
+    transformers are always kept."""
+    io_timeout_minutes: float = 60.0
+    """how long the collectives that wait on file I/O (writing, hashing and verifying checkpoints) may wait;
+    the default process group's time-out (NCCL: 10 minutes) would cut a slow shared file system short."""
     verify_checksums: bool = True
     """check every checkpoint file's SHA-256 before resuming (sizes are always checked)."""
     max_consecutive_skips: int = 3
@@ -304,6 +339,8 @@ class TrainConfig:
             raise ValueError(f"keep_last={self.keep_last}: must be >= 0 (0 keeps every checkpoint)")
         if self.max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips={self.max_consecutive_skips}: must be >= 1")
+        if self.io_timeout_minutes <= 0:
+            raise ValueError(f"io_timeout_minutes={self.io_timeout_minutes}: must be > 0")
         if self.decode_batch_size < 1:
             raise ValueError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
 

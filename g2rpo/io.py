@@ -22,15 +22,19 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either the old or the complete new content."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path next to ``path`` to write to; on success it is synced and moved onto ``path``.
+
+    A reader sees either the old or the complete new file; on an exception the temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
@@ -38,6 +42,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either the old or the complete new content."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -90,11 +100,24 @@ def write_png_grid(path: str | Path, images: torch.Tensor, columns: int = 4) -> 
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """Save a state dict as safetensors, atomically. Tensors are made contiguous and unshared."""
-    from safetensors.torch import save
+    """Save a state dict as safetensors, atomically, streamed to disk tensor by tensor.
 
-    tensors = {name: tensor.detach().contiguous().clone() for name, tensor in state_dict.items()}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    A tensor is copied only where safetensors needs it: when it is not contiguous or is a view of a
+    larger or shared storage.
+    """
+    from safetensors.torch import save_file
+
+    tensors, storages = {}, set()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach()
+        storage = tensor.untyped_storage()
+        if (not tensor.is_contiguous() or storage.data_ptr() in storages
+                or storage.nbytes() != tensor.numel() * tensor.element_size()):
+            tensor = tensor.contiguous().clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor.cpu()
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def load_state_dict_file(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:

@@ -1,5 +1,7 @@
 """Encode a prompt file once with the FLUX pipeline's text encoders; training reads only the results.
 
+Only the text encoders and tokenizers are loaded (not the transformer or the VAE).
+
     torchrun --nproc_per_node=8 -m g2rpo.preprocess --model ckpt/flux --prompts data/prompts.txt \
         --out data/rl_embeddings
     python -m g2rpo.preprocess --model ckpt/tiny/flux --prompts data/example_prompts.txt --out data/tiny_embeddings
@@ -43,7 +45,7 @@ def duplicate_report(prompts: list[str]) -> dict[str, list[int]]:
 
 def main(argv=None) -> None:
     from g2rpo.distributed import barrier, init_distributed, print0, teardown
-    from g2rpo.models import load_flux_pipeline, resolve_dtype
+    from g2rpo.models import load_text_encoders, resolve_dtype
 
     args = parse_args(argv)
     prompts = read_prompt_file(args.prompts)
@@ -57,7 +59,7 @@ def main(argv=None) -> None:
     todo = [i for i in mine if not (folder / f"{i:05d}.safetensors").is_file()]
     print(f"{len(prompts)} prompts, {info.world_size} rank(s); rank {info.rank} encodes {len(todo)} of its {len(mine)}")
     if todo:
-        pipe = load_flux_pipeline(args.model, dtype).to(info.device)
+        pipe = load_text_encoders(args.model, dtype).to(info.device)
         with torch.no_grad():
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start:start + args.batch_size]

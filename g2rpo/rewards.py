@@ -1,8 +1,9 @@
 """Reward-model loaders: HPS-v2.1 and the CLIP score, from local folders only.
 
-* HPS-v2.1 is built by hpsv2's bundled open_clip (``create_model_and_transforms``), given the base
-  open_clip weights of its architecture (``ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K``) and then the HPS
-  fine-tuned weights (``ckpt/hps/HPS_v2.1_compressed.pt``, ``{"state_dict": ...}``), loaded strictly.
+* HPS-v2.1 is built by hpsv2's bundled open_clip (``create_model_and_transforms``) and given the
+  HPS fine-tuned weights (``ckpt/hps/HPS_v2.1_compressed.pt``, ``{"state_dict": ...}``), loaded
+  strictly: they hold every parameter, so the base weights hpsv2 starts from would be overwritten
+  entirely and are not read.
 * The CLIP score model (DFN5B-CLIP-ViT-H-14) is an open_clip Hub-style folder read with
   ``local-dir:`` (``open_clip_config.json`` + weights).
 
@@ -10,11 +11,14 @@ An architecture that hpsv2 does not bundle (the tiny test one) is taken from the
 ``open_clip_config.json`` in the base folder -- the file the real laion folder carries too -- so the
 same loader serves ``ViT-H-14`` and the tiny model; only the config's ``arch`` differs.
 Weights are read with safetensors or ``torch.load(weights_only=True)``; nothing is downloaded.
+Every model is built directly in the dtype its config names (``models.<reward>.dtype``), so loading
+holds that model plus one state dict, never an fp32 copy besides.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -62,13 +66,20 @@ def find_open_clip_weights(folder: str | Path, what: str) -> Path:
     raise FileNotFoundError(f"{what}: no weights in {folder}; expected one of {', '.join(OPEN_CLIP_WEIGHT_FILES)}")
 
 
-def load_hps_model(arch: str, base_dir: str | Path, checkpoint: str | Path,
-                   device: str | torch.device = "cpu") -> OpenClipBundle:
-    """Load HPS-v2.1 exactly as hpsv2 builds it (precision "amp": fp32 weights), in eval mode."""
-    from hpsv2.src.open_clip import create_model_and_transforms, factory, get_tokenizer
+def load_hps_model(arch: str, base_dir: str | Path, checkpoint: str | Path, device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype = torch.float32) -> OpenClipBundle:
+    """Load HPS-v2.1 as hpsv2 builds it, in ``dtype`` and eval mode.
+
+    ``base_dir`` is read only for an architecture hpsv2 does not bundle (its ``open_clip_config.json``).
+    """
+    with warnings.catch_warnings():  # hpsv2's bundled open_clip imports a timm module timm has deprecated
+        warnings.filterwarnings("ignore", message="Importing from timm.models.layers is deprecated",
+                                category=FutureWarning)
+        from hpsv2.src.open_clip import create_model_and_transforms, factory, get_tokenizer
+
+    from g2rpo.models import default_dtype, resolve_dtype
 
     base_dir, checkpoint = Path(base_dir), Path(checkpoint)
-    base_weights = find_open_clip_weights(base_dir, "HPS base open_clip weights")
     if not checkpoint.is_file():
         raise FileNotFoundError(f"HPS checkpoint: file not found: {checkpoint} (HPS_v2.1_compressed.pt)")
     if factory.get_model_config(arch) is None:
@@ -78,30 +89,35 @@ def load_hps_model(arch: str, base_dir: str | Path, checkpoint: str | Path,
                              f"does not exist to define it")
         factory._MODEL_CONFIGS[arch] = config["model_cfg"]
 
-    model, _, preprocess_val = create_model_and_transforms(
-        arch, None, precision="amp", device="cpu", jit=False, force_quick_gelu=False, force_custom_text=False,
-        force_patch_dropout=False, force_image_size=None, pretrained_image=False, image_mean=None, image_std=None,
-        light_augmentation=True, aug_cfg={}, output_dict=True, with_score_predictor=False,
-        with_region_predictor=False)
-    for path, what in ((base_weights, "HPS base open_clip weights"), (checkpoint, "HPS checkpoint")):
-        state = load_state_dict_file(path, what)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(f"{what}: {path} does not match architecture {arch!r}: {exc}") from exc
+    with default_dtype(resolve_dtype(dtype)):
+        model, _, preprocess_val = create_model_and_transforms(
+            arch, None, precision="amp", device="cpu", jit=False, force_quick_gelu=False, force_custom_text=False,
+            force_patch_dropout=False, force_image_size=None, pretrained_image=False, image_mean=None, image_std=None,
+            light_augmentation=True, aug_cfg={}, output_dict=True, with_score_predictor=False,
+            with_region_predictor=False)
+    state = load_state_dict_file(checkpoint, "HPS checkpoint")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"HPS checkpoint: {checkpoint} does not match architecture {arch!r}: {exc}") from exc
+    del state
     return OpenClipBundle(model.to(device).eval(), preprocess_val, get_tokenizer(arch), arch)
 
 
-def load_clip_score_model(path: str | Path, device: str | torch.device = "cpu") -> OpenClipBundle:
-    """Load an open_clip folder (``open_clip_config.json`` + weights), e.g. DFN5B-CLIP-ViT-H-14."""
+def load_clip_score_model(path: str | Path, device: str | torch.device = "cpu",
+                          dtype: str | torch.dtype = torch.float32) -> OpenClipBundle:
+    """Load an open_clip folder (``open_clip_config.json`` + weights), e.g. DFN5B-CLIP-ViT-H-14, in ``dtype``."""
     import open_clip
+
+    from g2rpo.models import default_dtype, resolve_dtype
 
     folder = Path(path)
     find_open_clip_weights(folder, "CLIP-score model")  # open_clip would silently random-init without
     if _read_open_clip_config(folder) is None:
         raise FileNotFoundError(f"CLIP-score model: {folder / 'open_clip_config.json'} not found")
     name = f"local-dir:{folder}"
-    model, _, preprocess = open_clip.create_model_and_transforms(name, device="cpu", weights_only=True)
+    with default_dtype(resolve_dtype(dtype)):
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device="cpu", weights_only=True)
     return OpenClipBundle(model.to(device).eval(), preprocess, open_clip.get_tokenizer(name), name)
 
 
@@ -131,6 +147,7 @@ class OpenClipReward:
             raise ValueError(f"resize_mode={resize_mode!r}: expected 'shortest_crop' or 'longest_pad'")
         self.resize_mode = resize_mode
         self.model = bundle.model.to(device).eval().requires_grad_(False)
+        self.dtype = next(self.model.parameters()).dtype  # the pixels are cast to it; features compared in fp32
         self.tokenizer = bundle.tokenizer
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -171,7 +188,7 @@ class OpenClipReward:
         for start in range(0, len(prompts), self.batch_size):
             pixels = self.preprocess(images[start:start + self.batch_size])
             tokens = self.tokenizer(list(prompts[start:start + self.batch_size])).to(self.device)
-            image_features = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+            image_features = F.normalize(self.model.encode_image(pixels.to(self.dtype)).float(), dim=-1)
             text_features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
             scores.append((image_features * text_features).sum(dim=-1))
         return torch.cat(scores)
@@ -185,13 +202,16 @@ class PickScoreReward:
     """
 
     def __init__(self, model_dir: str | Path, processor_dir: str | Path, device: str | torch.device = "cpu",
-                 batch_size: int = 32):
+                 batch_size: int = 32, dtype: str | torch.dtype = torch.float32):
         from transformers import CLIPModel, CLIPProcessor
+
+        from g2rpo.models import resolve_dtype
 
         for path, what in ((model_dir, "PickScore model"), (processor_dir, "PickScore processor")):
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"{what}: directory not found: {path}")
-        self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+        self.dtype = resolve_dtype(dtype)
+        self.model = CLIPModel.from_pretrained(model_dir, dtype=self.dtype, local_files_only=True).to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(processor_dir, local_files_only=True)
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -206,12 +226,12 @@ class PickScoreReward:
         for start in range(0, len(prompts), self.batch_size):
             chunk = (images[start:start + self.batch_size].float().clamp(0, 1) * 255).round().to(torch.uint8)
             pil = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in chunk]
-            pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device)
+            pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
             text = self.processor(text=list(prompts[start:start + self.batch_size]), padding=True, truncation=True,
                                   max_length=77, return_tensors="pt").to(self.device)
             image_features = F.normalize(_features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
             text_features = F.normalize(_features(self.model.get_text_features(**text)), dim=-1)
-            scores.append(self.model.logit_scale.exp() * (image_features * text_features).sum(-1))
+            scores.append(self.model.logit_scale.float().exp() * (image_features.float() * text_features.float()).sum(-1))
         return torch.cat(scores).float()
 
 
@@ -227,12 +247,13 @@ def build_reward(name: str, models, device: str | torch.device = "cpu"):
     prompts) -> Tensor[B]``, add its paths to ``ModelsConfig`` and a branch here.
     """
     if name == "hps":
-        bundle = load_hps_model(models.hps.arch, models.hps.base_dir, models.hps.checkpoint)
+        bundle = load_hps_model(models.hps.arch, models.hps.base_dir, models.hps.checkpoint, dtype=models.hps.dtype)
         return OpenClipReward(bundle, device, resize_mode="longest_pad")
     if name == "clip_score":
-        return OpenClipReward(load_clip_score_model(models.clip_score.path), device)
+        return OpenClipReward(load_clip_score_model(models.clip_score.path, dtype=models.clip_score.dtype), device)
     if name == "pickscore":
-        return PickScoreReward(models.pickscore.model, models.pickscore.processor, device)
+        return PickScoreReward(models.pickscore.model, models.pickscore.processor, device,
+                               dtype=models.pickscore.dtype)
     raise ValueError(f"unknown reward {name!r}; available: {', '.join(REWARD_NAMES)}")
 
 

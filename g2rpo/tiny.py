@@ -1,6 +1,8 @@
 """Tiny, randomly initialised stand-ins for FLUX.1-dev and the reward models, built offline.
 
-Every test and the CPU demo run on these. They are written to disk in the *real* formats -- a
+Every test and the CPU demo run on these. `prepare_reduced_flux` builds a second stand-in at FLUX.1-dev's
+true widths (d = 3072, T5 width 4096, CLIP width 768, the real VAE) with only 1-2 blocks of each kind,
+stored in bf16 as FLUX.1-dev ships: the real memory and I/O per block, at a size a CPU can train. They are written to disk in the *real* formats -- a
 diffusers ``FluxPipeline`` folder, an HPS-v2.1 ``{"state_dict": ...}`` checkpoint plus an open_clip
 base folder, and an open_clip ``local-dir`` folder for the CLIP score -- so that they are read back
 by exactly the loaders used for the real weights (`g2rpo.models`, `g2rpo.rewards`); only the
@@ -36,6 +38,18 @@ FLUX_SCHEDULER_CONFIG = dict(
     max_image_seq_len=4096,
 )
 
+# black-forest-labs/FLUX.1-dev transformer/config.json (11.9 B parameters)
+FLUX_DEV_TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+# black-forest-labs/FLUX.1-dev vae/config.json (83.8 M parameters)
+FLUX_DEV_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                           layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+                           scaling_factor=FLUX_VAE_SCALING_FACTOR, shift_factor=FLUX_VAE_SHIFT_FACTOR,
+                           use_quant_conv=False, use_post_quant_conv=False)
+
 TINY_TRANSFORMER_CONFIG = dict(
     patch_size=1,
     in_channels=64,  # 16 VAE channels x 2x2 patch packing, as FLUX.1-dev
@@ -63,6 +77,22 @@ CLIP_PREPROCESS_CFG = {
     "interpolation": "bicubic",
     "resize_mode": "shortest",
 }
+
+TINY_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,  # 4 levels keep FLUX's x8 spatial compression
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 8, 8),
+    layers_per_block=1,
+    latent_channels=16,
+    norm_num_groups=4,
+    sample_size=64,
+    scaling_factor=FLUX_VAE_SCALING_FACTOR,  # the decode path reads FLUX's latent normalisation from the config
+    shift_factor=FLUX_VAE_SHIFT_FACTOR,
+    use_quant_conv=False,  # as FLUX.1-dev's VAE
+    use_post_quant_conv=False,
+)
 
 T5_VOCAB_SIZE = 1000  # upper bound for the sentencepiece model (plus 100 <extra_id_*> tokens)
 
@@ -127,64 +157,30 @@ def build_t5_tokenizer(prompts: list[str], seed: int = 0):
 # --------------------------------------------------------------------------------------------
 
 
-def build_tiny_flux_pipeline(prompts: list[str], seed: int = 0):
-    """Assemble a complete ``FluxPipeline`` of tiny random models (float32, CPU)."""
+def build_tiny_flux_pipeline(prompts: list[str], seed: int = 0, transformer_config: dict = TINY_TRANSFORMER_CONFIG,
+                             vae_config: dict = TINY_VAE_CONFIG, dtype: torch.dtype = torch.float32):
+    """Assemble a complete ``FluxPipeline`` of random models (CPU, ``dtype``): tiny ones by default.
+
+    The text encoders are always 2 small layers, at the widths the transformer expects (its
+    ``pooled_projection_dim`` for CLIP, ``joint_attention_dim`` for T5).
+    """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from g2rpo.models import default_dtype
 
     tokenizer = build_clip_tokenizer()
     tokenizer_2, _ = build_t5_tokenizer(prompts, seed)
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 4 levels keep FLUX's x8 spatial compression
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=FLUX_VAE_SCALING_FACTOR,
-        shift_factor=FLUX_VAE_SHIFT_FACTOR,
-        use_quant_conv=False,  # as FLUX.1-dev's VAE
-        use_post_quant_conv=False,
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TINY_TRANSFORMER_CONFIG["pooled_projection_dim"],
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            # the special-token ids of openai/clip-vit-large-patch14's config, as FLUX.1-dev ships it
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    )
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=TINY_TRANSFORMER_CONFIG["joint_attention_dim"],
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, like FLUX's t5-v1_1-xxl
-            is_encoder_decoder=False,
-            use_cache=False,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    with default_dtype(dtype):  # built directly in dtype: a true-width transformer never exists in fp32
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**transformer_config)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**vae_config)
+        torch.manual_seed(seed + 2)
+        text_encoder = _tiny_clip_text(tokenizer, transformer_config["pooled_projection_dim"])
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = _tiny_t5(tokenizer_2, transformer_config["joint_attention_dim"])
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
     for module in (transformer, vae, text_encoder, text_encoder_2):
         module.eval()
@@ -197,6 +193,66 @@ def build_tiny_flux_pipeline(prompts: list[str], seed: int = 0):
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+
+
+def _tiny_clip_text(tokenizer, width: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            # the special-token ids of openai/clip-vit-large-patch14's config, as FLUX.1-dev ships it
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    )
+
+
+def _tiny_t5(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=width,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, like FLUX's t5-v1_1-xxl
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
+def reduced_flux_config(double_blocks: int = 1, single_blocks: int = 1) -> dict:
+    """FLUX.1-dev's transformer config with only ``double_blocks`` + ``single_blocks`` blocks (19 + 38 in the real one)."""
+    return dict(FLUX_DEV_TRANSFORMER_CONFIG, num_layers=double_blocks, num_single_layers=single_blocks)
+
+
+def prepare_reduced_flux(out_dir: str | Path, prompts: list[str], double_blocks: int = 1, single_blocks: int = 1,
+                         seed: int = 0, force: bool = False) -> Path:
+    """A FLUX pipeline folder at FLUX.1-dev's true widths and VAE, with few blocks, in bf16 (as FLUX.1-dev ships).
+
+    1 + 1 blocks: a 0.55 B-parameter transformer (1.1 GB on disk); each further double block adds
+    340 M parameters, each single block 142 M. Skipped if ``out_dir`` exists, unless ``force``.
+    """
+    out_dir = Path(out_dir)
+    if force or not out_dir.exists():
+        pipeline = build_tiny_flux_pipeline(prompts, seed, reduced_flux_config(double_blocks, single_blocks),
+                                            FLUX_DEV_VAE_CONFIG, dtype=torch.bfloat16)
+        _write_pipeline(pipeline, out_dir)
+    return out_dir
 
 
 # --------------------------------------------------------------------------------------------

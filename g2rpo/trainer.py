@@ -10,6 +10,7 @@ update per branching step k (§5). Checkpoints are exported in diffusers format 
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ from g2rpo.advantages import mgai_advantages
 from g2rpo.config import TrainConfig, to_dict
 from g2rpo.data import EmbeddingDataset, GroupSchedule
 from g2rpo import checkpoint
-from g2rpo.distributed import DistInfo, PolicyEngine, all_reduce, any_rank, print0
+from g2rpo.distributed import DistInfo, all_gather_object, all_reduce, any_rank, io_group, print0
+from g2rpo.engine import build_engine
 from g2rpo.io import atomic_write_text
 from g2rpo.loss import ppo_clip_loss
+from g2rpo.memory import PhaseMeter
 from g2rpo.metrics import MetricsLogger
-from g2rpo.models import decode_latents, load_transformer, load_vae
+from g2rpo.models import decode_latents, load_vae, release_memory
 from g2rpo.rewards import build_reward
 from g2rpo.rollout import PromptEmbedding, RolloutResult, ode_sample, policy_log_probs, singular_sde_rollout
 
@@ -62,26 +65,48 @@ def group_seed(seed: int, position: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, info: DistInfo):
+    def __init__(self, cfg: TrainConfig, info: DistInfo, meter: PhaseMeter | None = None):
+        """``meter``: where start-up memory is recorded (a benchmark passes its own to go on measuring)."""
         self.cfg, self.info = cfg, info
         torch.manual_seed(cfg.seed)
         device = info.device
-        transformer = load_transformer(cfg.models.flux.path, "float32", subfolder="transformer")
-        dims = (transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim)
+        meter = meter or PhaseMeter(device)
+        # One model at a time, each freed of its loading buffers before the next: the transformer is read
+        # shard by shard into the engine, then the VAE, then each reward model.
+        self.engine = build_engine(cfg, info, cfg.max_steps * len(cfg.sampling.branch_steps), meter.mark)
+        dims = (self.engine.config["joint_attention_dim"], self.engine.config["pooled_projection_dim"])
         self.vae = load_vae(cfg.models.flux.path, cfg.models.flux.dtype).to(device).eval().requires_grad_(False)
-        self.rewards = {spec.name: build_reward(spec.name, cfg.models, device) for spec in cfg.rewards}
+        self.rewards = {}
+        for spec in cfg.rewards:
+            self.rewards[spec.name] = build_reward(spec.name, cfg.models, device)
+            release_memory()
+        meter.mark("vae+rewards")
         self.reward_weights = torch.tensor([spec.weight for spec in cfg.rewards])
         self.dataset, self.heldout = EmbeddingDataset(cfg.data.index, dims).split(cfg.data.holdout)
         self.schedule = GroupSchedule(len(self.dataset), info.world_size, cfg.data.prompts_per_rank, cfg.seed,
                                       cfg.data.shuffle)
-        num_updates = cfg.max_steps * len(cfg.sampling.branch_steps)
-        self.engine = PolicyEngine(transformer, cfg.engine, cfg.optim, num_updates, info)
+        self.io_group = io_group(cfg.io_timeout_minutes)
         self.state = TrainState()
         self.out_dir = Path(cfg.output_dir)
         self.logger = MetricsLogger(self.out_dir, list(self.rewards), enabled=info.is_main)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self._report_startup_memory(dict(meter.phases))
+
+    def _report_startup_memory(self, phases: dict) -> None:
+        """``output_dir/startup_memory.json`` (every rank's phases) and one line: the largest over ranks."""
+        ranks = all_gather_object(phases)
+        if not self.info.is_main:
+            return
+        fp32_gb = sum(self.engine.param_sizes().values()) * 4 / 1e9
+        atomic_write_text(self.out_dir / "startup_memory.json", json.dumps(
+            {"transformer_fp32_gb": fp32_gb, "world_size": self.info.world_size, "ranks": ranks}, indent=1))
+        worst = {name: max(r[name]["peak_rss_increase_gb"] for r in ranks) for name in ranks[0]}
+        cuda = max((p.get("peak_cuda_gb", 0.0) for r in ranks for p in r.values()), default=0.0)
+        print0("start-up host memory per rank (largest increase over ranks): " + ", ".join(
+            f"{name} +{gb:.3g} GB" for name, gb in worst.items()) + f" (fp32 transformer: {fp32_gb:.3g} GB)"
+            + (f"; GPU peak {cuda:.3g} GB" if cuda else ""))
 
     # ---------------------------------------------------------------- phases of a step
 
@@ -231,17 +256,6 @@ class Trainer:
         last = step == self.cfg.max_steps - 1
         periodic = step >= self.cfg.checkpoint_start and (step - self.cfg.checkpoint_start) % self.cfg.checkpoint_every == 0
         return last or periodic
-
-    def export_transformer(self, folder: Path) -> None:
-        """The transformer in diffusers format (config.json + safetensors shards). Collective; rank 0 writes."""
-        from huggingface_hub import save_torch_state_dict
-
-        state = self.engine.full_state_dict()
-        if self.info.is_main:
-            dtype = torch.float32 if self.cfg.save_dtype == "float32" else torch.bfloat16
-            self.engine.raw.save_config(folder)
-            save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, folder,
-                                  filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB")
 
     def save_checkpoint(self, step: int) -> Path:
         """A committed full-state checkpoint after ``step`` (see g2rpo.checkpoint). Collective."""

@@ -28,12 +28,14 @@ def test_reference_yaml_equals_defaults():
     assert load_config(ModelsConfig) == ModelsConfig()
 
 
-def test_tiny_yaml_differs_only_in_paths_and_arch():
+def test_tiny_yaml_differs_only_in_paths_arch_and_dtypes():
     tiny, real = to_dict(load_config(ModelsConfig, ROOT / "configs" / "models" / "tiny.yaml")), to_dict(ModelsConfig())
     assert tiny["hps"]["arch"] != real["hps"]["arch"]
-    paths = {**tiny["hps"], **tiny["clip_score"], **tiny["pickscore"]}
-    assert all(str(v).startswith("ckpt/tiny/") for k, v in paths.items() if k != "arch")
-    assert tiny["flux"]["path"] == "ckpt/tiny/flux"
+    for section in ("flux", "hps", "clip_score", "pickscore"):
+        assert tiny[section]["dtype"] == "float32"  # CPU: fp32; FLUX.1-dev and the reward models: half precision
+        assert real[section]["dtype"] in ("bfloat16", "float16")
+        paths = {k: v for k, v in tiny[section].items() if k not in ("arch", "dtype")}
+        assert paths and all(str(v).startswith("ckpt/tiny/") for v in paths.values()), section
 
 
 def test_types_are_coerced_and_checked():
@@ -58,7 +60,7 @@ def test_unknown_keys_are_errors_naming_file_and_path(tmp_path):
 
 
 def test_invalid_value_names_field(tmp_path):
-    with pytest.raises(ValueError, match=r"flux.dtype='int8': expected float32, bfloat16 or float16"):
+    with pytest.raises(ValueError, match=r"flux.dtype='int8': expected one of float32, bfloat16, float16"):
         load_config(ModelsConfig, overrides=["flux.dtype=int8"])
 
 
@@ -85,3 +87,23 @@ def test_bad_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="list.yaml: expected a mapping"):
         load_config(ModelsConfig, listy)
+
+
+def test_engine_and_checkpoint_options_are_validated():
+    from g2rpo.config import EngineConfig, TrainConfig
+
+    with pytest.raises(ValueError, match=r"engine.kind='ddp': expected fsdp or deepspeed \(DDP is gone: FSDP2 shards"):
+        EngineConfig(kind="ddp")
+    with pytest.raises(ValueError, match=r"engine.fsdp_sharding='no_shard': expected full_shard or shard_grad_op"):
+        EngineConfig(fsdp_sharding="no_shard")
+    with pytest.raises(ValueError, match=r"engine.mixed_precision='no': expected bf16 or fp32"):
+        EngineConfig(mixed_precision="no")
+    with pytest.raises(ValueError, match=r"engine.load_strategy='mmap': expected slices or broadcast"):
+        EngineConfig(load_strategy="mmap")
+    with pytest.raises(ValueError, match=r"io_timeout_minutes=0.0: must be > 0"):
+        load_config(TrainConfig, overrides=["io_timeout_minutes=0"])
+    # at scale: keep one resumable state (143 GB for FLUX.1-dev) and export in bf16, as FLUX.1-dev ships
+    defaults = TrainConfig()
+    assert (defaults.keep_last, defaults.save_dtype, defaults.engine.mixed_precision) == (1, "bfloat16", "bf16")
+    one_gpu = load_config(TrainConfig, ROOT / "configs" / "g2rpo_hps_clip_1gpu.yaml")
+    assert (one_gpu.engine.kind, one_gpu.engine.offload) == ("fsdp", True)  # FSDP2 + CPUOffloadPolicy

@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import ROOT
+from g2rpo.config import ModelsConfig, load_config
 from g2rpo.rewards import load_clip_score_model, load_hps_model
 from g2rpo.tiny import TINY_CLIP_MODEL_CFG
 
@@ -71,12 +73,45 @@ def test_hps_missing_files_are_named(tiny_models, tmp_path):
     cfg = tiny_models.hps
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_hps_model(cfg.arch, cfg.base_dir, tmp_path / "nope.pt")
-    with pytest.raises(FileNotFoundError, match="no-base"):
-        load_hps_model(cfg.arch, tmp_path / "no-base", cfg.checkpoint)
-    empty = tmp_path / "empty-base"
-    empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors"):
-        load_hps_model(cfg.arch, empty, cfg.checkpoint)
+
+
+def test_hps_needs_no_base_weights(tiny_models, tmp_path):
+    """HPS-v2.1's checkpoint holds every parameter: the base weights (3.9 GB for ViT-H-14) are never read."""
+    config_only = tmp_path / "base"
+    config_only.mkdir()
+    shutil.copy(f"{tiny_models.hps.base_dir}/open_clip_config.json", config_only)
+    loaded = load_hps_model(tiny_models.hps.arch, config_only, tiny_models.hps.checkpoint).model.state_dict()
+    expected = _load_hps(tiny_models.hps).model.state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reward_models_are_built_in_the_configured_dtype(tiny_models, dtype):
+    """Every parameter and buffer in ``dtype`` (no fp32 copy kept), equal to the fp32 weights cast once."""
+    from g2rpo.rewards import build_reward
+
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    models = load_config(ModelsConfig, ROOT / "configs/models/tiny.yaml",
+                         [f"{k}={v}" for k, v in _paths(tiny_models)] + [f"hps.dtype={name}",
+                                                                          f"clip_score.dtype={name}"])
+    for reward, full in (("hps", _load_hps(tiny_models.hps)), ("clip_score",
+                                                               load_clip_score_model(tiny_models.clip_score.path))):
+        model = build_reward(reward, models).model
+        assert {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()} == {dtype}
+        expected = full.model.state_dict()
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(tensor, expected[key].to(dtype)), (reward, key)
+        images = _images(2)
+        scores = build_reward(reward, models).score(images, ["a red fox", "a bowl of ramen"])
+        reference = build_reward(reward, tiny_models).score(images, ["a red fox", "a bowl of ramen"])
+        assert scores.dtype == torch.float32
+        torch.testing.assert_close(scores, reference, atol=3e-2, rtol=0)  # half-precision rounding only
+
+
+def _paths(models):
+    return (("flux.path", models.flux.path), ("hps.base_dir", models.hps.base_dir),
+            ("hps.checkpoint", models.hps.checkpoint), ("clip_score.path", models.clip_score.path),
+            ("pickscore.model", models.pickscore.model), ("pickscore.processor", models.pickscore.processor))
 
 
 def test_hps_unknown_arch_without_config_is_an_error(tiny_models, tmp_path):

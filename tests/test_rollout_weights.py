@@ -1,4 +1,4 @@
-"""Rollouts on the gathered copy (engine.rollout_weights=gathered) == rollouts through the sharded engine."""
+"""Rollouts on gathered weights (engine.rollout_weights=gathered) == rollouts through the sharded engine."""
 
 import json
 import subprocess
@@ -8,16 +8,19 @@ import torch
 
 from conftest import ENV, ROOT, TORCHRUN
 from g2rpo.config import EngineConfig, SamplingConfig
-from g2rpo.distributed import RolloutWeights
+from g2rpo.engine import RolloutWeights
 from g2rpo.models import load_transformer
-from g2rpo.rollout import PromptEmbedding, singular_sde_rollout
+from g2rpo.rollout import PromptEmbedding, expected_cost, singular_sde_rollout
 
 CFG = SamplingConfig(num_steps=6, branch_steps=[0, 3], group_size=3, height=32, width=32)
+CFG_HELPER = SamplingConfig(num_steps=6, branch_steps=[0, 2], group_size=3, height=32, width=32)  # the helper's
 
 
 @pytest.fixture(scope="module")
 def model(tiny_models):
-    return load_transformer(tiny_models.flux.path, subfolder="transformer").eval()
+    model = load_transformer(tiny_models.flux.path, subfolder="transformer").eval()
+    model.folder = tiny_models.flux.path
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -70,35 +73,42 @@ def test_rollout_weights_option_is_validated():
 @pytest.mark.parametrize("kind,compiled", [("fsdp", "0"), pytest.param("deepspeed", "0", marks=pytest.mark.slow),
                                            pytest.param("fsdp", "1", marks=pytest.mark.slow)])
 def test_gathered_rollouts_equal_sharded_ones_and_follow_each_step(kind, compiled, tiny_models, tmp_path):
-    """Two ranks (FSDP FULL_SHARD, or ZeRO-3; torch.compiled or not): same rollouts before and after a step."""
+    """Two ranks (FSDP2, or ZeRO-3; torch.compiled or not): same rollouts before and after a step, and the
+    gathered rollout makes no collective call per forward (FSDP: none at all inside the rollout)."""
     out = tmp_path / "result.json"
     cmd = [*TORCHRUN, str(ROOT / "tests/helpers/rollout_weights.py"), tiny_models.flux.path, kind, compiled, str(out)]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     measured = json.loads(out.read_text())
-    assert max(measured["diff"]) < 1e-4, measured  # a stale copy after the step differs by ~2 here
-    assert measured["version"] == [0, 1]  # refreshed once per step, not per forward
+    assert max(measured["diff"]) < 1e-4, measured  # stale weights after the step differ by ~2 here
+    if kind == "fsdp":
+        calls = expected_cost(CFG_HELPER)["calls"]
+        assert all(n >= calls for n in measured["collectives_sharded"]), measured  # gathers on every forward
+        assert measured["collectives_gathered"] == [3, 3], measured  # one all-gather per unit (2 blocks + root)
+    else:
+        assert measured["copy_version"] == [0, 1], measured  # ZeRO-3's copy: refreshed once per step
 
 
-def test_compile_rollout_needs_gathered_weights_when_sharded():
-    with pytest.raises(ValueError, match="engine.compile_rollout=true with engine.kind=fsdp needs"):
-        EngineConfig(compile_rollout=True, rollout_weights="sharded")
-    EngineConfig(kind="ddp", compile_rollout=True, rollout_weights="sharded")  # nothing to gather
+def test_compile_rollout_needs_gathered_weights_under_zero3():
+    with pytest.raises(ValueError, match="engine.compile_rollout=true with engine.kind=deepspeed and zero_stage=3"):
+        EngineConfig(kind="deepspeed", zero_stage=3, compile_rollout=True, rollout_weights="sharded")
+    EngineConfig(compile_rollout=True, rollout_weights="sharded")  # FSDP2 compiles the sharded module
 
 
 @pytest.mark.slow
 def test_compiled_rollouts_equal_eager_and_follow_each_step(model, embedding):
     """engine.compile_rollout: the compiled module rolls out as eager does, also after an optimiser step."""
+    from pathlib import Path
+
     from g2rpo.config import OptimConfig
-    from g2rpo.distributed import DistInfo, PolicyEngine
+    from g2rpo.distributed import DistInfo
+    from g2rpo.engine import FSDPEngine
     from g2rpo.rollout import policy_log_probs
 
-    torch.manual_seed(0)
     info = DistInfo(0, 1, 0, torch.device("cpu"))
-    engine = PolicyEngine(type(model).from_config(model.config), EngineConfig(kind="ddp", device="cpu",
-                                                                              compile_rollout=True),
-                          OptimConfig(lr=1e-2), 4, info)
-    engine.module.load_state_dict(model.state_dict())
+    engine = FSDPEngine(Path(model.folder) / "transformer", EngineConfig(device="cpu", mixed_precision="fp32",
+                                                                         compile_rollout=True),
+                        OptimConfig(lr=1e-2), 4, info)
     for _ in range(2):
         with engine.rollout_policy() as compiled:
             assert compiled is not engine.module and compiled._orig_mod is engine.module
@@ -107,4 +117,4 @@ def test_compiled_rollouts_equal_eager_and_follow_each_step(model, embedding):
         torch.testing.assert_close(got.old_log_probs, eager.old_log_probs, atol=1e-3, rtol=1e-5)
         engine.backward(policy_log_probs(engine.module, embedding, eager, 0, CFG).mean())
         engine.step()
-    assert not torch.equal(engine.module.x_embedder.weight, model.x_embedder.weight)  # the step changed weights
+    assert not torch.equal(engine.module.x_embedder.weight.full_tensor(), model.x_embedder.weight)  # it trained

@@ -4,6 +4,7 @@ training, checkpoints that reload, launchers, and a measured learning signal."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from conftest import ENV, ROOT, TORCHRUN, model_overrides as _model_overrides
 from g2rpo.config import TrainConfig, load_config
 from g2rpo.data import EmbeddingDataset, GroupSchedule
+from g2rpo.models import read_weights
 
 
 
@@ -49,15 +51,26 @@ def test_preprocess_writes_the_pipelines_embeddings_in_order(tiny_embeddings, ti
         assert torch.equal(tensors["text_ids"], text_ids)
 
 
-def test_preprocess_resumes_and_validates(tiny_embeddings, tiny_models, tmp_path):
+def test_preprocess_resumes_and_validates(tiny_pipeline, tiny_models, tmp_path):
+    """Also: only the text encoders are read -- a pipeline folder without transformer and VAE weights will do."""
+    import shutil
+
+    text_only = tmp_path / "flux"
+    shutil.copytree(tiny_models.flux.path, text_only, ignore=lambda d, names: [
+        n for n in names if n.endswith(".safetensors") and Path(d).name in ("transformer", "vae")])
+    assert not list((text_only / "transformer").glob("*.safetensors"))
     out = tmp_path / "emb"
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a red fox\na blue bird\na red fox\n")
-    cmd = [sys.executable, "-m", "g2rpo.preprocess", "--model", tiny_models.flux.path, "--prompts", str(prompt_file),
+    cmd = [sys.executable, "-m", "g2rpo.preprocess", "--model", str(text_only), "--prompts", str(prompt_file),
            "--out", str(out), "--dtype", "float32", "--device", "cpu"]
     first = _run(cmd, cwd=ROOT)
     assert "lines [1, 3] repeat the prompt 'a red fox' (kept)" in first.stdout
     assert len((out / "index.jsonl").read_text().splitlines()) == 3
+    with torch.no_grad():
+        embeds, pooled, _ = tiny_pipeline.encode_prompt("a blue bird", None, max_sequence_length=512)
+    torch.testing.assert_close(load_file(out / "embeddings" / "00001.safetensors")["prompt_embeds"], embeds[0],
+                               atol=1e-6, rtol=1e-6)
     stamp = (out / "embeddings" / "00001.safetensors").stat().st_mtime_ns
     second = _run(cmd, cwd=ROOT)
     assert "encodes 0 of its 3" in second.stdout
@@ -113,7 +126,7 @@ def _changed_and_reloads(base_flux, checkpoint):
 @pytest.fixture(scope="session")
 def fsdp_run(tiny_models, tiny_embeddings, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    return out, _train(tiny_models, tiny_embeddings, out, "max_steps=2", "sample_every=1")
+    return out, _train(tiny_models, tiny_embeddings, out, "max_steps=2", "sample_every=1", "save_dtype=float32")
 
 
 def test_fsdp_two_process_training(fsdp_run, tiny_models):
@@ -137,13 +150,13 @@ def test_single_process_matches_fsdp(fsdp_run, tiny_models, tiny_embeddings, tmp
     """One process rolling out both groups == two FSDP ranks with one group each (same seeds, same data)."""
     fsdp_out, fsdp_metrics = fsdp_run
     single = _train(tiny_models, tiny_embeddings, tmp_path / "single", "max_steps=2", "sample_every=1",
-                    "data.prompts_per_rank=2", nproc=1)
+                    "save_dtype=float32", "data.prompts_per_rank=2", nproc=1)
     assert single[0]["loss"] == pytest.approx(fsdp_metrics[0]["loss"], rel=1e-4, abs=1e-7)
     for a, b in zip(single, fsdp_metrics):
         for key in ("reward/hps", "reward/clip_score", "eval_reward/hps", "eval_reward/clip_score", "loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
-    trained_single = load_file(tmp_path / "single/checkpoint-1/transformer/diffusion_pytorch_model.safetensors")
-    trained_fsdp = load_file(fsdp_out / "checkpoint-1/transformer/diffusion_pytorch_model.safetensors")
+    trained_single = read_weights(tmp_path / "single/checkpoint-1/transformer")  # one file
+    trained_fsdp = read_weights(fsdp_out / "checkpoint-1/transformer")  # one shard per rank
     for name, tensor in trained_single.items():
         torch.testing.assert_close(tensor, trained_fsdp[name], atol=2e-4, rtol=1e-3, msg=name)
 
@@ -152,7 +165,7 @@ def test_single_process_matches_fsdp(fsdp_run, tiny_models, tiny_embeddings, tmp
 def test_deepspeed_two_process_training(fsdp_run, tiny_models, tiny_embeddings, tmp_path):
     out = tmp_path / "ds"
     metrics = _train(tiny_models, tiny_embeddings, out, "max_steps=2", "engine.kind=deepspeed",
-                     "engine.zero_stage=2")
+                     "engine.zero_stage=2", "save_dtype=float32")
     changed, names = _changed_and_reloads(tiny_models.flux.path, out / "checkpoint-1")
     assert len(changed) == len(names)
     # same seeds, same data: the same losses and rewards as the FSDP run
@@ -214,7 +227,7 @@ def test_configs_validate():
 @pytest.mark.parametrize("script, world", [("finetune_g2rpo_hps.sh", "2 node(s) x 8 process(es) = 16 rank(s)"),
                                            ("finetune_g2rpo_hps_clip.sh", "= 16 rank(s)"),
                                            ("finetune_g2rpo_hps_clip_8gpu.sh", "1 node(s) x 8 process(es) = 8 rank(s)"),
-                                           ("finetune_g2rpo_hps_clip_1gpu.sh", "= 1 rank(s), engine deepspeed"),
+                                           ("finetune_g2rpo_hps_clip_1gpu.sh", "= 1 rank(s), engine fsdp"),
                                            ("finetune_g2rpo_tiny.sh", "1 node(s) x 2 process(es) = 2 rank(s)")])
 def test_launcher_dry_run_prints_the_world(script, world):
     result = subprocess.run(["bash", str(ROOT / "scripts" / "finetune" / script)], env={**ENV, "DRY_RUN": "1"},

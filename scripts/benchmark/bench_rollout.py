@@ -24,13 +24,10 @@ import torch
 
 from g2rpo.config import ModelsConfig, SamplingConfig, load_config
 from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+from g2rpo.tiny import FLUX_DEV_TRANSFORMER_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# black-forest-labs/FLUX.1-dev transformer/config.json
-FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
 def transformer_flops(config: dict, image_tokens: int, text_tokens: int = 512) -> float:
@@ -93,7 +90,7 @@ def build(device: str, cfg: SamplingConfig):
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(torch.bfloat16).eval()
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER_CONFIG).to(torch.bfloat16).eval()
     embedding = PromptEmbedding(torch.randn(512, 4096, device="cuda"), torch.randn(768, device="cuda"),
                                 torch.zeros(512, 3, device="cuda"))
     return transformer, None, None, embedding, torch.bfloat16

@@ -13,8 +13,8 @@ one prompt group per rank:
 * ``reference``: the reference recipe's order (batch 1 per generation, nothing shared) through the
   FSDP wrapper, which all-gathers every block on every forward;
 * ``shared``: our evaluation order (shared evaluations, batched completions), still through the wrapper;
-* ``shared+gathered``: our order on weights gathered once (``engine.rollout_weights=gathered``, the default;
-  the timed rollout includes that gather, as every training step does);
+* ``shared+gathered``: our order on weights gathered once (``engine.rollout_weights=gathered``, the default:
+  FSDP2 unshards every unit before the rollout; the timed rollout includes that gather, as every step pays it);
 * ``shared+gathered+compiled`` (with ``--compile``): the same, torch.compiled (``engine.compile_rollout``);
   its first rollout compiles and is not reported.
 
@@ -107,18 +107,19 @@ def main():
                          f"step) first, or point data.index=... at one")
     info = init_distributed(None if cfg.engine.device == "auto" else cfg.engine.device)
     trainer = Trainer(cfg, info)
-    engine, replica = trainer.engine, trainer.engine.replica
+    engine = trainer.engine
+    configured_weights = cfg.engine.rollout_weights
     reward_batch = {name: reward.batch_size for name, reward in trainer.rewards.items()}
     rows, results = {}, {}
     for name, (order, gathered, compiled) in VARIANTS.items():
         if compiled and not args.compile:
             continue
-        if gathered and replica is None:
-            print0(f"skipping {name}: engine {cfg.engine.kind} with {info.world_size} process(es) is not sharded")
+        if gathered and cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage != 3:
+            print0(f"skipping {name}: DeepSpeed ZeRO-{cfg.engine.zero_stage} keeps whole weights on every rank")
             continue
         trainer.cfg.sampling = dataclasses.replace(cfg.sampling, order=order)
-        engine.replica = replica if gathered else None
-        engine.compile_rollout = compiled
+        engine.cfg.rollout_weights = "gathered" if gathered else "sharded"
+        engine.cfg.compile_rollout = compiled
         for _ in range(max(1 if args.smoke else args.iters, 2 if compiled else 1)):
             engine.mark_weights_changed()  # as after an optimiser step: the gathered variants pay their refresh
             groups, t_rollout = timed(lambda: trainer.rollout(0), info.device)
@@ -130,7 +131,7 @@ def main():
         rows[name] = {"calls": groups[0].rollout.num_calls, "sample_forwards": groups[0].rollout.num_sample_forwards,
                       "rollout_s": t_rollout, "decode+reward_s": t_score}
         results[name] = groups
-    engine.replica = replica
+    engine.cfg.rollout_weights = configured_weights
     trainer.cfg.sampling = cfg.sampling
     trainer.cfg.decode_batch_size = cfg.decode_batch_size
     ours = list(results)[-1]

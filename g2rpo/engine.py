@@ -1,0 +1,483 @@
+"""The trainable transformer under a parallel engine, behind one interface (`Engine`).
+
+``build_engine(cfg, info, total_updates)`` loads the FLUX transformer from the pipeline folder the
+config names and returns one of:
+
+* `FSDPEngine` (``engine.kind: fsdp``, the default, any number of processes including one):
+  FSDP2 -- ``fully_shard`` on every FLUX block and on the root, fp32 master weights, a
+  ``MixedPrecisionPolicy`` (bf16 parameters and all-gathers, fp32 gradient reduction) and optional
+  ``CPUOffloadPolicy`` (the one-GPU option). The model is built on the meta device, sharded, and
+  only then allocated and filled from the diffusers safetensors shard by shard: every rank reads
+  just its own rows of each tensor (``engine.load_strategy: slices``) or rank 0 reads each tensor
+  and broadcasts it (``broadcast``), so no rank ever holds the whole fp32 model in host or device
+  memory. Parameter names stay the model's own.
+* `DeepSpeedEngine` (``engine.kind: deepspeed``): ZeRO stage 2 or 3 around a torch AdamW, bf16 by
+  torch autocast. Its start-up still loads the whole fp32 transformer on every rank's host.
+
+Rollouts and held-out sampling run inside ``engine.rollout_policy()``. With ``engine.rollout_weights:
+gathered`` (the default) FSDP unshards every unit once before them and reshards after -- the
+weights gathered in the compute dtype, no second model, no collective per forward, memory released
+before decoding -- and ZeRO-3 fills an unsharded copy (`RolloutWeights`) once per optimiser step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from g2rpo.distributed import DistInfo, ensure_process_group, print0
+
+
+def _no_mark(phase: str) -> None:
+    pass
+
+
+def flux_block_classes():
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    return (FluxTransformerBlock, FluxSingleTransformerBlock)
+
+
+def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of a dim-0 ``Shard`` that ``rank`` holds: ``torch.chunk``'s split, as FSDP2 uses."""
+    chunk = math.ceil(rows / world_size) if rows else 0
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+class Engine:
+    """What the trainer needs from an engine; the parts every engine shares live here.
+
+    ``module`` is what the update's forwards call (with gradients); ``rollout_policy()`` what
+    rollouts call; ``backward`` / ``clip_grad_norm`` / ``step`` / ``skip_step`` make one optimiser
+    update; ``save_state`` / ``load_state`` the resumable state; ``gather_params`` the full weights
+    for an export, each rank keeping the ones it writes.
+    """
+
+    module: torch.nn.Module
+    config: dict  # the transformer's diffusers config
+    autocast_dtype: torch.dtype | None = None  # torch autocast around forwards (DeepSpeed); FSDP casts itself
+
+    def __init__(self, engine_cfg, optim_cfg, total_updates: int, info: DistInfo):
+        self.cfg, self.info = engine_cfg, info
+        self.max_grad_norm = optim_cfg.max_grad_norm
+        self.optim_cfg, self.total_updates = optim_cfg, total_updates
+        self.version = 0  # bumped whenever the parameters change (optimiser step, state load)
+        self._compiled = None
+
+    def _make_optimizer(self, params):
+        from diffusers.optimization import get_scheduler
+
+        o = self.optim_cfg
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        self.scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps,
+                                       num_training_steps=self.total_updates)
+        return optimizer
+
+    # ------------------------------------------------------------------ forwards
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
+
+    def _rollout_module(self) -> torch.nn.Module:
+        return self.module
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        yield
+
+    @contextlib.contextmanager
+    def rollout_policy(self):
+        """``with engine.rollout_policy() as policy:`` -- the module that rollouts and sampling call.
+
+        Inside, the weights are gathered if ``engine.rollout_weights=gathered``, the module is in eval
+        mode and the engine's autocast is on; torch.compiled if ``engine.compile_rollout``. Leaving
+        releases the gathered weights and restores train mode. Collective: every rank enters together.
+        """
+        with self._gathered():
+            module = self._rollout_module()
+            if self.cfg.compile_rollout and (self._compiled is None or self._compiled._orig_mod is not module):
+                self._compiled = torch.compile(module)  # parameters are graph inputs: updates need no recompile
+            module.eval()
+            try:
+                with self.autocast():
+                    yield self._compiled if self.cfg.compile_rollout else module
+            finally:
+                module.train()
+
+    def mark_weights_changed(self) -> None:
+        """Call after changing the parameters outside ``step`` / ``load_state``."""
+        self.version += 1
+
+    # ------------------------------------------------------------------ interface
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self) -> torch.Tensor:
+        """Clip the gradients to ``max_grad_norm``; the total norm before clipping (equal on every rank)."""
+        raise NotImplementedError
+
+    def step(self) -> torch.Tensor | None:
+        """Optimiser and scheduler step, then zero the gradients; an engine that clips itself returns its norm."""
+        raise NotImplementedError
+
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients without changing any parameter."""
+        raise NotImplementedError
+
+    def save_state(self, folder: Path, group=None) -> None:
+        """Model + optimiser (+ the LR scheduler, rank 0) into ``folder``. Collective over ``group``."""
+        raise NotImplementedError
+
+    def load_state(self, folder: Path, group=None) -> None:
+        raise NotImplementedError
+
+    def gather_params(self, dtype: torch.dtype, owners: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Full parameters in ``dtype`` on the CPU: the ones ``owners`` assigns to this rank. Collective."""
+        raise NotImplementedError
+
+    def param_sizes(self) -> dict[str, int]:
+        """``{name: numel}`` of every parameter in model order (for planning an export)."""
+        return {name: p.numel() for name, p in self.module.named_parameters()}
+
+    def _save_scheduler(self, folder: Path) -> None:
+        if self.info.is_main:
+            _torch_save_atomic(self.scheduler.state_dict(), folder / "scheduler.pt")
+
+    def _load_scheduler(self, folder: Path) -> None:
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2
+# --------------------------------------------------------------------------------------------
+
+
+class FSDPEngine(Engine):
+    """FSDP2 over all processes (one included), built on the meta device and filled from safetensors."""
+
+    def __init__(self, weights_folder: Path, engine_cfg, optim_cfg, total_updates: int, info: DistInfo,
+                 mark=_no_mark):
+        from diffusers import FluxTransformer2DModel
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        from g2rpo.models import SafetensorsFolder
+
+        super().__init__(engine_cfg, optim_cfg, total_updates, info)
+        ensure_process_group(info)
+        weights = SafetensorsFolder(weights_folder)
+        self.config = FluxTransformer2DModel.load_config(weights_folder)
+        with torch.device("meta"):
+            model = FluxTransformer2DModel.from_config(self.config)
+        if engine_cfg.activation_checkpointing:
+            model.enable_gradient_checkpointing()  # diffusers' own: keeps the parameter names unchanged
+        param_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "bf16" else None
+        policy = dict(mesh=init_device_mesh(info.device.type, (info.world_size,)),
+                      mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+                      offload_policy=CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if engine_cfg.offload
+                      else OffloadPolicy())
+        reshard = engine_cfg.fsdp_sharding == "full_shard"
+        self.units = [m for m in model.modules() if isinstance(m, flux_block_classes())]
+        for block in self.units:
+            fully_shard(block, reshard_after_forward=reshard, **policy)
+        fully_shard(model, **policy)  # the root: embedders, final norm and projection
+        self.units.append(model)
+        self.module = model
+        self.store_device = torch.device("cpu") if engine_cfg.offload else info.device
+        model.to_empty(device=self.store_device)  # allocates this rank's shards only
+        mark("wrap")
+        weights.check_names([n for n, _ in model.named_parameters()], f"FLUX transformer {weights_folder}")
+        fill = _fill_from_slices if engine_cfg.load_strategy == "slices" else _fill_from_broadcast
+        fill(model, weights, info)
+        mark("load")
+        model.train()
+        self.optimizer = self._make_optimizer(model.parameters())
+        # FSDP2 warns on every block that returns a view; FLUX's blocks and our code never modify a block's
+        # output in place (the FSDP / one-process gradient equality tests would catch it), so it is noise.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        """Unshard every unit once (in the compute dtype) and keep them so; reshard on leaving."""
+        gather = self.cfg.rollout_weights == "gathered"
+        try:
+            if gather:
+                for unit in self.units:
+                    unit.set_reshard_after_forward(False, recurse=False)
+                for unit in self.units:
+                    unit.unshard()
+            yield
+        finally:
+            reshard = self.cfg.fsdp_sharding == "full_shard"
+            for unit in self.units:  # also after sharded rollouts: a no-grad forward may leave units unsharded
+                unit.reshard()
+                if gather and unit is not self.module:
+                    unit.set_reshard_after_forward(reshard, recurse=False)
+            if gather:
+                self.module.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
+
+    def clip_grad_norm(self) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # the norm over every rank's shards
+        torch.nn.utils.clip_grads_with_norm_(list(self.module.parameters()), self.max_grad_norm, norm, foreach=True)
+        return norm.detach().float().cpu()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.mark_weights_changed()
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save_state(self, folder: Path, group=None) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / "fsdp"), process_group=group)
+        self._save_scheduler(folder)
+
+    def load_state(self, folder: Path, group=None) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(folder / "fsdp"), process_group=group)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self._load_scheduler(folder)
+        self.mark_weights_changed()
+
+    def gather_params(self, dtype: torch.dtype, owners: dict[str, int]) -> dict[str, torch.Tensor]:
+        from torch.distributed.tensor import DTensor
+
+        comm = self.info.device  # the shards may be offloaded to the CPU; NCCL gathers on the GPU
+        mine = {}
+        for name, param in self.module.named_parameters():
+            local = param.to_local().detach().to(comm, dtype)
+            full = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                      shape=param.shape, stride=param.stride()).full_tensor()
+            if owners[name] == self.info.rank:
+                mine[name] = full.cpu()
+        return mine
+
+
+@torch.no_grad()
+def _fill_from_slices(model, weights, info: DistInfo) -> None:
+    """Every rank reads only the rows of each tensor its shard holds."""
+    for name, param in model.named_parameters():
+        local = param.to_local()
+        rows = shard_rows(param.shape[0], info.world_size, info.rank) if param.dim() else None
+        _copy_checked(local, weights.read(name, rows), name, weights)
+
+
+@torch.no_grad()
+def _fill_from_broadcast(model, weights, info: DistInfo) -> None:
+    """Rank 0 reads each whole tensor and broadcasts it; every rank keeps its rows."""
+    comm = info.device
+    for name, param in model.named_parameters():
+        if info.is_main:
+            full = weights.read(name).to(comm, torch.float32)
+        else:
+            full = torch.empty(param.shape, dtype=torch.float32, device=comm)
+        if info.world_size > 1:
+            dist.broadcast(full, src=0)
+        start, end = shard_rows(param.shape[0], info.world_size, info.rank) if param.dim() else (None, None)
+        _copy_checked(param.to_local(), full[start:end] if param.dim() else full, name, weights)
+        del full
+
+
+def _copy_checked(local: torch.Tensor, value: torch.Tensor, name: str, weights) -> None:
+    if tuple(local.shape) != tuple(value.shape):
+        raise ValueError(f"{weights.files[name]}: tensor {name!r} has shape {weights.shapes[name]}, the model "
+                         f"expects another (this rank's shard {tuple(local.shape)}, read {tuple(value.shape)}); "
+                         f"is the transformer config.json the one these weights were saved with?")
+    local.copy_(value)
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed
+# --------------------------------------------------------------------------------------------
+
+
+class RolloutWeights:
+    """An unsharded, no-grad copy of a ZeRO-3 policy for rollouts, refreshed once per optimiser step.
+
+    Its Linear weights and biases are stored in the autocast dtype (bf16) -- exactly what autocast
+    would round them to on every call -- and everything else (the RMSNorm scales) in float32, so
+    under the same autocast it gives the sharded module's outputs without re-gathering or re-casting
+    the weights per forward. Costs one copy of the transformer per rank (FLUX.1-dev: 23.8 GB in bf16).
+    """
+
+    def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype | None, device: torch.device):
+        with torch.device("meta"):
+            replica = type(model).from_config(model.config)
+        if compute_dtype is not None:  # cast before allocating: never hold the copy in fp32
+            for layer in replica.modules():
+                if isinstance(layer, torch.nn.Linear):
+                    layer.to(compute_dtype)
+        replica.to_empty(device=device)
+        # the policy's attention processors (any the user set), matched by position: wrappers add no attention layers
+        sources = [m for m in model.modules() if hasattr(m, "set_processor")]
+        targets = [m for m in replica.modules() if hasattr(m, "set_processor")]
+        if len(sources) != len(targets):
+            raise RuntimeError(f"rollout weights: the policy has {len(sources)} attention layers, "
+                               f"its copy {len(targets)}")
+        for source, target in zip(sources, targets):
+            target.set_processor(source.processor)
+        self.module = replica.eval().requires_grad_(False)
+        self._params = dict(replica.named_parameters())
+        self.nbytes = sum(p.numel() * p.element_size() for p in self._params.values())
+        self.version = -1  # the engine's parameter version these weights hold
+
+    @torch.no_grad()
+    def load(self, full_params, version: int) -> None:
+        """Copy ``(name, full tensor)`` pairs in; every parameter of the copy must be given exactly once."""
+        missing = set(self._params)
+        for name, tensor in full_params:
+            if name not in missing:
+                what = "twice" if name in self._params else "but the copy has no such parameter"
+                raise RuntimeError(f"rollout weights: {name!r} was gathered {what}")
+            self._params[name].copy_(tensor)
+            missing.discard(name)
+        if missing:
+            raise RuntimeError(f"rollout weights: no value gathered for {sorted(missing)[:3]} ({len(missing)} in all)")
+        self.version = version
+
+
+def _zero3_full_params(model):
+    """``(name, full parameter)`` of a DeepSpeed ZeRO-3 model, gathering one layer's parameters at a time."""
+    import deepspeed
+
+    for prefix, layer in model.named_modules():
+        own = list(layer.named_parameters(recurse=False))
+        if own:
+            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
+                for name, p in own:
+                    yield f"{prefix}.{name}" if prefix else name, p
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO-2/3 around a torch AdamW (no fused-op compilation), bf16 by torch autocast."""
+
+    def __init__(self, weights_folder: Path, engine_cfg, optim_cfg, total_updates: int, info: DistInfo,
+                 mark=_no_mark):
+        import deepspeed
+
+        from g2rpo.models import load_transformer
+
+        super().__init__(engine_cfg, optim_cfg, total_updates, info)
+        ensure_process_group(info)
+        model = load_transformer(weights_folder, "float32").to(info.device).train()  # the whole fp32 model per rank
+        mark("load")
+        self.config = model.config
+        self.autocast_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "bf16" else None
+        if engine_cfg.activation_checkpointing:
+            model.enable_gradient_checkpointing()
+        zero = {"stage": engine_cfg.zero_stage}
+        if engine_cfg.offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+            if engine_cfg.zero_stage == 3:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+            "gradient_clipping": optim_cfg.max_grad_norm, "zero_optimization": zero,
+            "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
+        }
+        base = self._make_optimizer(model.parameters())  # a torch optimizer: no FusedAdam compilation
+        self.module, _, _, _ = deepspeed.initialize(model=model, optimizer=base, config=ds_config,
+                                                    dist_init_required=False)
+        self.optimizer = base  # ZeRO steps it and shares its param_groups; the LR scheduler drives those
+        mark("wrap")
+        self.zero3 = engine_cfg.zero_stage == 3
+        # allocated after wrapping, so that the full model ZeRO-3 partitioned is gone first
+        self.replica = RolloutWeights(self.module.module, self.autocast_dtype, info.device) \
+            if self.zero3 and engine_cfg.rollout_weights == "gathered" else None
+
+    def _rollout_module(self) -> torch.nn.Module:
+        if self.replica is None:
+            return self.module.module if self.cfg.compile_rollout else self.module
+        if self.replica.version != self.version:
+            self.replica.load(_zero3_full_params(self.module.module), self.version)
+        return self.replica.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss)
+
+    def clip_grad_norm(self) -> torch.Tensor:
+        return torch.zeros(())  # DeepSpeed clips inside its step (gradient_clipping); `step` returns the norm
+
+    def step(self) -> torch.Tensor:
+        self.module.step()  # clips, steps, zeroes
+        value = self.module.get_global_grad_norm()
+        self.scheduler.step()
+        self.mark_weights_changed()
+        return torch.tensor(float(value) if value is not None else float("nan"))
+
+    def skip_step(self) -> None:
+        self.module.zero_grad()
+
+    def save_state(self, folder: Path, group=None) -> None:
+        self.module.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+        self._save_scheduler(folder)
+
+    def load_state(self, folder: Path, group=None) -> None:
+        path, _ = self.module.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise ValueError(f"{folder / 'deepspeed'}: DeepSpeed found no checkpoint to load")
+        self._load_scheduler(folder)
+        self.mark_weights_changed()
+
+    def param_sizes(self) -> dict[str, int]:
+        return {name: (p.ds_numel if hasattr(p, "ds_numel") else p.numel())
+                for name, p in self.module.module.named_parameters()}
+
+    def gather_params(self, dtype: torch.dtype, owners: dict[str, int]) -> dict[str, torch.Tensor]:
+        params = _zero3_full_params(self.module.module) if self.zero3 else self.module.module.named_parameters()
+        return {name: p.detach().to("cpu", dtype).clone() for name, p in params if owners[name] == self.info.rank}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_engine(cfg, info: DistInfo, total_updates: int, mark=_no_mark) -> Engine:
+    """The engine ``cfg.engine.kind`` names, holding the transformer of ``cfg.models.flux.path``.
+
+    ``mark(phase)`` is called as start-up phases end ("wrap", "load"), e.g. `g2rpo.memory.PhaseMeter.mark`.
+    """
+    folder = Path(cfg.models.flux.path) / "transformer"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"FLUX transformer: {folder} has no config.json; expected a diffusers pipeline "
+                                f"folder at models.flux.path={cfg.models.flux.path}")
+    kind = {"fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}[cfg.engine.kind]
+    engine = kind(folder, cfg.engine, cfg.optim, total_updates, info, mark)
+    print0(f"engine: {cfg.engine.kind} over {info.world_size} process(es), {sum(engine.param_sizes().values()):,} "
+           f"parameters, mixed precision {cfg.engine.mixed_precision}, rollout weights {cfg.engine.rollout_weights}")
+    return engine
+
+
+def _torch_save_atomic(obj, path) -> None:
+    import io
+
+    from g2rpo.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
