@@ -44,3 +44,32 @@ def test_weights_and_generated_files_are_ignored():
         assert _git("check-ignore", "-q", path).returncode == 0, f"{path} is not git-ignored"
     for path in ("ckpt/README.md", "data/README.md", "data/example_prompts.txt"):
         assert _git("check-ignore", "-q", path).returncode == 1, f"{path} must stay tracked"
+
+
+def _download_commands():
+    commands = []
+    for doc in ("README.md", "ckpt/README.md"):
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        commands += [(doc, match.strip()) for match in re.findall(r"`?(hf download [^`\n]+)", text)]
+    return commands
+
+
+def test_download_commands_parse_with_the_pinned_hub_client():
+    """Every `hf download` line of the READMEs is a valid command of the installed huggingface_hub CLI: offline
+    (and with --dry-run) it stops at the network, not at its arguments (a usage error exits 2)."""
+    import os
+    import shlex
+    import sys
+    from pathlib import Path
+
+    commands = _download_commands()
+    assert len(commands) >= 5, commands
+    hf = Path(sys.executable).parent / "hf"
+    for doc in ("README.md", "ckpt/README.md", "scripts/huggingface/download_hf.py"):
+        assert "huggingface-cli" not in (ROOT / doc).read_text(), f"{doc}: huggingface-cli is not in the pinned hub"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    for doc, command in commands:
+        args = shlex.split(command)[2:]
+        result = subprocess.run([str(hf), "download", *args, "--dry-run"], capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert result.returncode == 1 and "offline" in (result.stdout + result.stderr), (doc, command, result.stderr)

@@ -1,0 +1,52 @@
+"""torchrun helper for tests/test_engine.py: the FSDP2 engine's sharded load and parallel export.
+
+    torchrun --nproc_per_node=2 tests/helpers/engine_load.py FLUX_DIR OUT_DIR
+
+For both load strategies (every rank reads its slices; rank 0 reads and broadcasts), compares each
+rank's local shard with the rows of the file it should hold, then exports the weights in bf16 and
+fp32 with `checkpoint.export_transformer` (each rank one shard). Rank 0 writes ``result.json``.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from g2rpo.checkpoint import export_transformer
+from g2rpo.config import EngineConfig, OptimConfig
+from g2rpo.distributed import all_gather_object, barrier, init_distributed, teardown
+from g2rpo.engine import FSDPEngine, shard_rows
+from g2rpo.models import SafetensorsFolder
+
+
+def main(flux_dir, out_dir):
+    info = init_distributed("cpu")
+    folder, out = Path(flux_dir) / "transformer", Path(out_dir)
+    weights = SafetensorsFolder(folder)
+    result = {}
+    for strategy in ("slices", "broadcast"):
+        cfg = EngineConfig(device="cpu", mixed_precision="fp32", load_strategy=strategy)
+        engine = FSDPEngine(folder, cfg, OptimConfig(), 1, info)
+        mismatched, rows_held = [], 0
+        for name, param in engine.module.named_parameters():
+            start, end = shard_rows(param.shape[0], info.world_size, info.rank)
+            expected = weights.read(name).float()[start:end]
+            if not torch.equal(param.to_local(), expected):
+                mismatched.append(name)
+            rows_held += end - start
+        reports = all_gather_object({"mismatched": mismatched, "rows": rows_held})
+        result[strategy] = reports
+        if strategy == "slices":
+            for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+                export_transformer(engine, out / name, dtype, info)
+        del engine
+    barrier()
+    if info.is_main:
+        result["total_rows"] = sum(shape[0] if shape else 0 for shape in weights.shapes.values())
+        (out / "result.json").write_text(json.dumps(result))
+    teardown(0)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
