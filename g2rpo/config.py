@@ -220,7 +220,10 @@ class EngineConfig:
     """DeepSpeed ZeRO stage: 2 or 3."""
     mixed_precision: str = "bf16"
     """bf16: compute in bf16 with fp32 master weights (FSDP2: bf16 parameters and all-gathers, fp32 gradient
-    reduction; DeepSpeed: torch autocast) | fp32: everything in fp32 (the tiny CPU config)."""
+    reduction, MixedPrecisionPolicy) | autocast: the reference's numerics -- fp32 parameters and all-gathers
+    under torch bf16 autocast (twice the all-gather traffic; gathered rollout weights in fp32, 47.6 GB for
+    FLUX.1-dev, so pair it with rollout_weights=sharded on 80 GB GPUs) | fp32: everything in fp32 (the tiny CPU
+    config). DeepSpeed runs bf16 as autocast."""
     activation_checkpointing: bool = True
     """recompute each FLUX block's activations in the backward pass."""
     device: str = "auto"
@@ -250,8 +253,8 @@ class EngineConfig:
             raise ValueError(f"engine.fsdp_sharding={self.fsdp_sharding!r}: expected full_shard or shard_grad_op")
         if self.zero_stage not in (2, 3):
             raise ValueError(f"engine.zero_stage={self.zero_stage}: expected 2 or 3")
-        if self.mixed_precision not in ("bf16", "fp32"):
-            raise ValueError(f"engine.mixed_precision={self.mixed_precision!r}: expected bf16 or fp32")
+        if self.mixed_precision not in ("bf16", "autocast", "fp32"):
+            raise ValueError(f"engine.mixed_precision={self.mixed_precision!r}: expected bf16, autocast or fp32")
         if self.load_strategy not in ("slices", "broadcast"):
             raise ValueError(f"engine.load_strategy={self.load_strategy!r}: expected slices or broadcast")
         if self.rollout_weights not in ("gathered", "sharded"):

@@ -5,8 +5,8 @@ config names and returns one of:
 
 * `FSDPEngine` (``engine.kind: fsdp``, the default, any number of processes including one):
   FSDP2 -- ``fully_shard`` on every FLUX block and on the root, fp32 master weights, a
-  ``MixedPrecisionPolicy`` (bf16 parameters and all-gathers, fp32 gradient reduction) and optional
-  ``CPUOffloadPolicy`` (the one-GPU option). The model is built on the meta device, sharded, and
+  ``MixedPrecisionPolicy`` (bf16 parameters and all-gathers, fp32 gradient reduction; or fp32 under
+  torch autocast, the reference's numerics) and optional ``CPUOffloadPolicy`` (the one-GPU option). The model is built on the meta device, sharded, and
   only then allocated and filled from the diffusers safetensors shard by shard: every rank reads
   just its own rows of each tensor (``engine.load_strategy: slices``) or rank 0 reads each tensor
   and broadcasts it (``broadcast``), so no rank ever holds the whole fp32 model in host or device
@@ -181,6 +181,7 @@ class FSDPEngine(Engine):
         if engine_cfg.activation_checkpointing:
             model.enable_gradient_checkpointing()  # diffusers' own: keeps the parameter names unchanged
         param_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "bf16" else None
+        self.autocast_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "autocast" else None
         policy = dict(mesh=init_device_mesh(info.device.type, (info.world_size,)),
                       mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
                       offload_policy=CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if engine_cfg.offload
@@ -386,7 +387,7 @@ class DeepSpeedEngine(Engine):
         model = load_transformer(weights_folder, "float32").to(info.device).train()  # the whole fp32 model per rank
         mark("load")
         self.config = model.config
-        self.autocast_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "bf16" else None
+        self.autocast_dtype = None if engine_cfg.mixed_precision == "fp32" else torch.bfloat16
         if engine_cfg.activation_checkpointing:
             model.enable_gradient_checkpointing()
         zero = {"stage": engine_cfg.zero_stage}

@@ -69,3 +69,53 @@ def test_train_step_benchmark_smoke_run(tiny_models, tiny_embeddings, tmp_path):
         assert [int(rows[name][0]), int(rows[name][1])] == [cost["calls"], cost["sample_forwards"]]
         assert float(rows[name][-1]) < 1e-5  # max |Δ completions| against the reference order
     assert rows["shared"][4] == "-" and float(rows["reference"][4]) > 0 and float(rows["shared+gathered"][4]) > 0
+
+
+def test_memory_scaling_recovers_per_block_costs():
+    """--scale on runs whose peaks are exactly c + a·doubles + b·singles: per-block a and b, and c + 19a + 38b."""
+    from bench_memory import STEP_PHASES, predicted_bytes_per_param, scale
+
+    c, a, b = 4.0, 2.5, 1.0
+    def run(doubles, singles, params):
+        phases = {phase: {"peak_rss_gb": c + i + a * doubles + b * singles} for i, phase in enumerate(STEP_PHASES)}
+        return {"double": doubles, "single": singles, "world_size": 2, "device": "cpu", "params": params,
+                "ranks": [phases, {k: {"peak_rss_gb": v["peak_rss_gb"] - 0.5} for k, v in phases.items()}]}
+
+    rows = scale([run(1, 1, 500), run(2, 1, 840), run(1, 2, 640)], full_params=11_900)
+    for i, phase in enumerate(STEP_PHASES):
+        assert rows[phase]["double"] == pytest.approx(a) and rows[phase]["single"] == pytest.approx(b)
+        assert rows[phase]["full"] == pytest.approx(c + i + 19 * a + 38 * b)
+        rate = predicted_bytes_per_param(phase, 2) / 1e9
+        assert rows[phase]["double_model"] == pytest.approx(rate * 340)
+        assert rows[phase]["full_model"] == pytest.approx(c + i + a + b + rate * (11_900 - 500))
+    assert predicted_bytes_per_param("rollout", 16) == pytest.approx(12 / 16 + 2)  # shard + AdamW, + gathered bf16
+
+
+def test_memory_benchmark_smoke_run(tiny_models, tmp_path):
+    """bench_memory.py through the real trainer (tiny pipeline): every phase of both ranks is recorded."""
+    import json
+
+    import yaml
+
+    models = tmp_path / "models.yaml"
+    models.write_text(yaml.safe_dump({
+        "hps": {"arch": tiny_models.hps.arch, "base_dir": tiny_models.hps.base_dir,
+                "checkpoint": tiny_models.hps.checkpoint, "dtype": "float32"},
+        "clip_score": {"path": tiny_models.clip_score.path, "dtype": "float32"}}))
+    out = tmp_path / "memory.json"
+    cmd = [*TORCHRUN, str(ROOT / "scripts/benchmark/bench_memory.py"), "--pipeline", tiny_models.flux.path,
+           "--models-config", str(models), "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(out.read_text())
+    phases = ["wrap", "load", "vae+rewards", "first step", "rollout", "decode+reward", "update", "checkpoint"]
+    assert [list(rank) for rank in measured["ranks"]] == [phases, phases]
+    for rank in measured["ranks"]:
+        for record in rank.values():
+            assert record["peak_rss_gb"] >= max(record["rss_before_gb"], record["rss_after_gb"]) - 1e-3
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        tiny = FluxTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    assert measured["params"] == sum(p.numel() for p in tiny.parameters())
+    assert (tmp_path / "work/run/checkpoint-1/COMMITTED").is_file()

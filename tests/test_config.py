@@ -96,7 +96,7 @@ def test_engine_and_checkpoint_options_are_validated():
         EngineConfig(kind="ddp")
     with pytest.raises(ValueError, match=r"engine.fsdp_sharding='no_shard': expected full_shard or shard_grad_op"):
         EngineConfig(fsdp_sharding="no_shard")
-    with pytest.raises(ValueError, match=r"engine.mixed_precision='no': expected bf16 or fp32"):
+    with pytest.raises(ValueError, match=r"engine.mixed_precision='no': expected bf16, autocast or fp32"):
         EngineConfig(mixed_precision="no")
     with pytest.raises(ValueError, match=r"engine.load_strategy='mmap': expected slices or broadcast"):
         EngineConfig(load_strategy="mmap")

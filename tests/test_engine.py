@@ -151,3 +151,56 @@ os._exit(0)
     result = subprocess.run([*TORCHRUN, str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert "rank 0: io barrier ok" in result.stdout and "rank 1: io barrier ok" in result.stdout, result.stderr[-3000:]
     assert "rank 0: default barrier failed" in result.stdout, result.stdout
+
+
+def test_mixed_precision_modes_against_the_references_autocast(tiny_models):
+    """``autocast`` is the reference's numerics: fp32 weights under bf16 autocast (== the plain model so run).
+    ``bf16`` (MixedPrecisionPolicy) rounds every weight to bf16 as autocast does for matmuls, but also the
+    RMSNorm scales and the activations between blocks: it differs at bf16 rounding level, no more."""
+    from g2rpo.config import SamplingConfig
+    from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+
+    folder = f"{tiny_models.flux.path}/transformer"
+    g = torch.Generator().manual_seed(0)
+    embedding = PromptEmbedding(torch.randn(8, 32, generator=g), torch.randn(32, generator=g), torch.zeros(8, 3))
+    cfg = SamplingConfig(num_steps=4, branch_steps=[0, 1], group_size=3, height=32, width=32)
+    plain = load_transformer(folder).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = singular_sde_rollout(plain, embedding, cfg, torch.Generator().manual_seed(1))
+    fp32 = singular_sde_rollout(plain, embedding, cfg, torch.Generator().manual_seed(1))
+    results = {}
+    for mode in ("autocast", "bf16"):
+        engine = FSDPEngine(folder, EngineConfig(device="cpu", mixed_precision=mode), OptimConfig(), 1, CPU)
+        with engine.rollout_policy() as policy:
+            results[mode] = singular_sde_rollout(policy, embedding, cfg, torch.Generator().manual_seed(1))
+        with engine.autocast():  # the update's forward, with gradients, as the trainer runs it
+            new = policy_log_probs(engine.module, embedding, results[mode], 0, cfg)
+        torch.testing.assert_close(new.detach(), results[mode].old_log_probs[:, 0], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(results["autocast"].completions, reference.completions, atol=1e-6, rtol=0)
+    bf16_error = (results["bf16"].completions - reference.completions).abs().max().item()
+    autocast_vs_fp32 = (reference.completions - fp32.completions).abs().max().item()
+    assert 0 < bf16_error < 2 * autocast_vs_fp32, (bf16_error, autocast_vs_fp32)  # rounding level
+
+
+def test_cpu_offload_trains_like_the_resident_engine(tiny_models):
+    """``engine.offload`` (CPUOffloadPolicy, the one-GPU option): the same update as without it."""
+    from g2rpo.config import SamplingConfig
+    from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+
+    folder = f"{tiny_models.flux.path}/transformer"
+    g = torch.Generator().manual_seed(0)
+    embedding = PromptEmbedding(torch.randn(8, 32, generator=g), torch.randn(32, generator=g), torch.zeros(8, 3))
+    cfg = SamplingConfig(num_steps=4, branch_steps=[0], group_size=2, height=32, width=32)
+    weights = {}
+    for offload in (False, True):
+        engine = FSDPEngine(folder, EngineConfig(device="cpu", mixed_precision="fp32", offload=offload),
+                            OptimConfig(lr=1e-2), 1, CPU)
+        with engine.rollout_policy() as policy:
+            rollout = singular_sde_rollout(policy, embedding, cfg, torch.Generator().manual_seed(1))
+        engine.backward(policy_log_probs(engine.module, embedding, rollout, 0, cfg).mean())
+        assert torch.isfinite(engine.clip_grad_norm())
+        engine.step()
+        weights[offload] = {n: p.full_tensor() for n, p in engine.module.named_parameters()}
+    for name, tensor in weights[False].items():
+        torch.testing.assert_close(weights[True][name], tensor, atol=1e-6, rtol=0, msg=name)
+    assert not torch.equal(weights[True]["x_embedder.weight"], load_transformer(folder).x_embedder.weight)

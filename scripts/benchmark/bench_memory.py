@@ -47,20 +47,25 @@ def parse_args():
     p.add_argument("--workdir", default=None, help="embeddings and the checkpoint go here (default: a temp folder)")
     p.add_argument("--json", default=None, help="write the per-rank figures here (for --scale)")
     p.add_argument("--scale", nargs=3, metavar=("D1S1", "D2S1", "D1S2"), help="extrapolate three runs' JSON files")
+    p.add_argument("--startup-only", action="store_true", help="stop after start-up (wrap, load, vae+rewards), "
+                   "e.g. to compare engine.load_strategy=slices|broadcast")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides of the training config")
     return p.parse_args()
 
 
-def write_embeddings(folder: Path, prompts: list[str], tokens: int, seed: int = 0) -> Path:
-    """Random conditioning at FLUX.1-dev's widths (T5 4096, CLIP 768), in the preprocessing step's format."""
+def write_embeddings(folder: Path, pipeline: Path, prompts: list[str], tokens: int, seed: int = 0) -> Path:
+    """Random conditioning at the transformer's widths (FLUX.1-dev: T5 4096, CLIP 768), as preprocessing writes it."""
+    from diffusers import FluxTransformer2DModel
+
     from g2rpo.data import write_embedding
 
+    config = FluxTransformer2DModel.load_config(pipeline / "transformer")
     g = torch.Generator().manual_seed(seed)
     lines = []
     for i, prompt in enumerate(prompts):
         write_embedding(folder / "embeddings" / f"{i:05d}.safetensors",
-                        torch.randn(tokens, 4096, generator=g).to(torch.bfloat16),
-                        torch.randn(768, generator=g).to(torch.bfloat16),
+                        torch.randn(tokens, config["joint_attention_dim"], generator=g).to(torch.bfloat16),
+                        torch.randn(config["pooled_projection_dim"], generator=g).to(torch.bfloat16),
                         torch.zeros(tokens, 3, dtype=torch.bfloat16), caption=prompt)
         lines.append(json.dumps({"index": i, "caption": prompt, "file": f"embeddings/{i:05d}.safetensors"}))
     (folder / "index.jsonl").write_text("\n".join(lines) + "\n")
@@ -85,7 +90,7 @@ def measure(args) -> None:
         prepare_reduced_flux(pipeline, prompts, args.double, args.single)
         if models.hps.checkpoint.startswith("ckpt/tiny/"):
             prepare_tiny_checkpoints(ROOT / "ckpt/tiny", prompts)
-        write_embeddings(workdir / "embeddings", prompts[:8], args.text_tokens)
+        write_embeddings(workdir / "embeddings", pipeline, prompts[:8], args.text_tokens)
     barrier()
     overrides = [f"models.{section}.{key}={ROOT / value if value.startswith('ckpt/') else value}"
                  for section, fields in to_dict(models).items() for key, value in fields.items()
@@ -100,22 +105,24 @@ def measure(args) -> None:
     cfg = load_config(TrainConfig, ROOT / "configs/tiny.yaml", overrides)
     meter = PhaseMeter(info.device)
     trainer = Trainer(cfg, info, meter)
-    trainer.train_step(0)  # optimiser state exists from here on, as in every later step
-    meter.mark("first step")
-    groups = trainer.rollout(1)
-    meter.mark("rollout")
-    trainer.score(groups)
-    meter.mark("decode+reward")
-    trainer.update(groups, trainer.advantages(groups))
-    meter.mark("update")
-    trainer.save_checkpoint(1)
-    meter.mark("checkpoint")
+    if not args.startup_only:
+        trainer.train_step(0)  # optimiser state exists from here on, as in every later step
+        meter.mark("first step")
+        groups = trainer.rollout(1)
+        meter.mark("rollout")
+        trainer.score(groups)
+        meter.mark("decode+reward")
+        trainer.update(groups, trainer.advantages(groups))
+        meter.mark("update")
+        trainer.save_checkpoint(1)
+        meter.mark("checkpoint")
     ranks = all_gather_object(meter.phases)
     if info.is_main:
         params = sum(trainer.engine.param_sizes().values())
         result = {"double": args.double, "single": args.single, "world_size": info.world_size,
                   "device": info.device.type, "params": params, "height": args.height,
-                  "text_tokens": args.text_tokens, "group_size": args.group_size, "ranks": ranks}
+                  "text_tokens": args.text_tokens, "group_size": args.group_size,
+                  "load_strategy": cfg.engine.load_strategy, "ranks": ranks}
         print_table(result)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +140,8 @@ def print_table(result: dict) -> None:
     print(f"\n{result['world_size']} x {result['device']}, FLUX true widths with {result['double']} double + "
           f"{result['single']} single blocks ({result['params'] / 1e9:.3f} B parameters, fp32 "
           f"{result['params'] * 4 / 1e9:.2f} GB), {result['height']}^2 px, {result['text_tokens']} text tokens, "
-          f"N = {result['group_size']}; largest value over ranks, GB = 1e9 bytes\n")
+          f"N = {result['group_size']}, load_strategy {result.get('load_strategy', 'slices')}; largest value over "
+          f"ranks, GB = 1e9 bytes\n")
     columns = ["host RSS before", "host peak", "host peak increase"] + (["GPU peak", "GPU after"] if cuda else []) + ["s"]
     keys = ["rss_before_gb", "peak_rss_gb", "peak_rss_increase_gb"] + (["peak_cuda_gb", "cuda_after_gb"] if cuda else []) \
         + ["seconds"]
@@ -149,29 +157,39 @@ def predicted_bytes_per_param(phase: str, world: int) -> float:
             "checkpoint": persistent + 2 / world}[phase]  # checkpoint: + this rank's bf16 export shard
 
 
-def scale(paths: list[str]) -> None:
-    from g2rpo.tiny import reduced_flux_config
-
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+def scale(runs: list[dict], full_params: int) -> dict[str, dict[str, float]]:
+    """Per step phase: the measured and modelled increase per double / single block, and both extrapolated to
+    19 + 38 blocks (``full_params``). ``runs``: the 1+1, 2+1 and 1+2 block results, same world and settings."""
     base, double, single = runs
     if [(r["double"], r["single"]) for r in runs] != [(1, 1), (2, 1), (1, 2)]:
         raise SystemExit("--scale expects runs with 1+1, 2+1 and 1+2 blocks, in that order")
-    world, cuda = base["world_size"], base["device"] == "cuda"
-    key = "peak_cuda_gb" if cuda else "peak_rss_gb"
+    world, key = base["world_size"], "peak_cuda_gb" if base["device"] == "cuda" else "peak_rss_gb"
     p_double, p_single = double["params"] - base["params"], single["params"] - base["params"]
-    full = sum(p.numel() for p in _meta_flux(reduced_flux_config(19, 38)).parameters())
-    print(f"\n{'GPU' if cuda else 'host'} memory per rank, {world} ranks: measured increase per block vs the memory "
-          f"model; extrapolated to 19 + 38 blocks ({full / 1e9:.2f} B parameters). GB = 1e9 bytes.\n")
-    print("| phase | per double block: measured / model | per single block: measured / model | "
-          "19 + 38 blocks: measured / model |\n|---|---|---|---|")
+    rows = {}
     for phase in STEP_PHASES:
         m_double = worst(double, phase, key) - worst(base, phase, key)
         m_single = worst(single, phase, key) - worst(base, phase, key)
         rate = predicted_bytes_per_param(phase, world) / 1e9
-        extrapolated = worst(base, phase, key) + 18 * m_double + 37 * m_single
-        modelled = worst(base, phase, key) + rate * (full - base["params"])
-        print(f"| {phase} | {m_double:.2f} / {rate * p_double:.2f} | {m_single:.2f} / {rate * p_single:.2f} | "
-              f"{extrapolated:.1f} / {modelled:.1f} |")
+        rows[phase] = {"double": m_double, "double_model": rate * p_double, "single": m_single,
+                       "single_model": rate * p_single,
+                       "full": worst(base, phase, key) + 18 * m_double + 37 * m_single,
+                       "full_model": worst(base, phase, key) + rate * (full_params - base["params"])}
+    return rows
+
+
+def print_scaled(paths: list[str]) -> None:
+    from g2rpo.tiny import reduced_flux_config
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    full = sum(p.numel() for p in _meta_flux(reduced_flux_config(19, 38)).parameters())
+    where = "GPU" if runs[0]["device"] == "cuda" else "host"
+    print(f"\n{where} memory per rank, {runs[0]['world_size']} ranks: measured increase per block vs the memory "
+          f"model; extrapolated to 19 + 38 blocks ({full / 1e9:.2f} B parameters). GB = 1e9 bytes.\n")
+    print("| phase | per double block: measured / model | per single block: measured / model | "
+          "19 + 38 blocks: measured / model |\n|---|---|---|---|")
+    for phase, r in scale(runs, full).items():
+        print(f"| {phase} | {r['double']:.2f} / {r['double_model']:.2f} | {r['single']:.2f} / {r['single_model']:.2f} "
+              f"| {r['full']:.1f} / {r['full_model']:.1f} |")
 
 
 def _meta_flux(config: dict):
@@ -184,7 +202,7 @@ def _meta_flux(config: dict):
 def main():
     args = parse_args()
     if args.scale:
-        scale(args.scale)
+        print_scaled(args.scale)
     else:
         measure(args)
 

@@ -88,9 +88,11 @@ def build(device: str, cfg: SamplingConfig):
         return transformer, load_vae(models.flux.path), build_reward("hps", models), embedding, torch.float32
     from diffusers import FluxTransformer2DModel
 
+    from g2rpo.models import default_dtype
+
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER_CONFIG).to(torch.bfloat16).eval()
+    with torch.device("cuda"), default_dtype(torch.bfloat16):  # never an fp32 copy (47.6 GB) on the GPU
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER_CONFIG).eval()
     embedding = PromptEmbedding(torch.randn(512, 4096, device="cuda"), torch.randn(768, device="cuda"),
                                 torch.zeros(512, 3, device="cuda"))
     return transformer, None, None, embedding, torch.bfloat16
