@@ -227,14 +227,20 @@ class FSDPEngine(Engine):
                 self.module.set_reshard_after_forward(False, recurse=False)  # FSDP2's default for the root
 
     def clip_grad_norm(self) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor
-
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # the norm over every rank's shards
-        torch.nn.utils.clip_grads_with_norm_(list(self.module.parameters()), self.max_grad_norm, norm, foreach=True)
-        return norm.detach().float().cpu()
+        """As ``torch.nn.utils.clip_grad_norm_`` over the whole model, computed on the local gradient shards: the
+        squared norms are summed over ranks on the compute device (offloaded shards live on the CPU, where NCCL
+        cannot reduce them), then every shard is scaled in place."""
+        shards = [p.grad.to_local() for p in self.module.parameters() if p.grad is not None]
+        squared = torch.zeros((), device=self.info.device)
+        if shards:
+            squared += torch.stack(torch._foreach_norm(shards)).to(self.info.device, torch.float32).pow(2).sum()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(squared)
+        norm = squared.sqrt()
+        coefficient = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for device, group in _by_device(shards).items():
+            torch._foreach_mul_(group, coefficient.to(device))
+        return norm.detach().cpu()
 
     def step(self) -> None:
         self.optimizer.step()
@@ -276,6 +282,13 @@ class FSDPEngine(Engine):
             if owners[name] == self.info.rank:
                 mine[name] = full.cpu()
         return mine
+
+
+def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.device, []).append(tensor)
+    return groups
 
 
 @torch.no_grad()

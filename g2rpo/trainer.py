@@ -232,15 +232,17 @@ class Trainer:
 
         Collective under FSDP/DeepSpeed: every rank must call it (prompts are split across ranks).
         """
-        s = self.cfg.sampling
-        mine = range(self.info.rank, len(dataset), self.info.world_size)
+        s, world = self.cfg.sampling, self.info.world_size
         samples = []  # (latent, caption)
         with self.engine.rollout_policy() as policy:
-            for i in mine:
-                embedding, caption = dataset[i]
+            # every rank samples equally often (sharded weights gather on every forward, so the ranks' forwards
+            # must match); a rank past the end re-samples the last prompt and drops the result
+            for i in range(self.info.rank, -(-len(dataset) // world) * world, world):
+                embedding, caption = dataset[min(i, len(dataset) - 1)]
                 latent = ode_sample(policy, embedding.to(self.info.device), s, torch.Generator().manual_seed(seed + i),
                                     self.info.device)
-                samples.append((latent, caption))
+                if i < len(dataset):
+                    samples.append((latent, caption))
         totals = torch.zeros(len(self.rewards))
         count = torch.zeros(())
         for latent, caption in samples:  # decoded and scored outside the policy's autocast

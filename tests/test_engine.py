@@ -45,6 +45,12 @@ def test_each_rank_holds_exactly_its_rows_of_the_file(loaded, strategy):
     assert all(0 < r["rows"] < result["total_rows"] for r in ranks)  # and really sharded
 
 
+def test_two_rank_gradient_clipping_equals_torchs_on_the_plain_model(loaded):
+    clip = loaded[1]["clip"]
+    assert clip["norm"] == pytest.approx(clip["expected"], rel=1e-5)  # the norm over both ranks' shards
+    assert clip["grad_diff"] < 1e-4 * clip["grad_scale"], clip  # and every shard scaled by the same factor
+
+
 def test_parallel_export_is_the_model_in_bf16_and_fp32(loaded, tiny_models):
     out, _ = loaded
     source = load_transformer(tiny_models.flux.path, subfolder="transformer").state_dict()
@@ -204,3 +210,25 @@ def test_cpu_offload_trains_like_the_resident_engine(tiny_models):
     for name, tensor in weights[False].items():
         torch.testing.assert_close(weights[True][name], tensor, atol=1e-6, rtol=0, msg=name)
     assert not torch.equal(weights[True]["x_embedder.weight"], load_transformer(folder).x_embedder.weight)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping active / inactive
+def test_gradient_norm_and_clipping_equal_torchs_on_the_plain_model(tiny_models, max_norm):
+    from g2rpo.config import SamplingConfig
+    from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+
+    folder = f"{tiny_models.flux.path}/transformer"
+    g = torch.Generator().manual_seed(0)
+    embedding = PromptEmbedding(torch.randn(8, 32, generator=g), torch.randn(32, generator=g), torch.zeros(8, 3))
+    cfg = SamplingConfig(num_steps=4, branch_steps=[0], group_size=2, height=32, width=32)
+    engine = FSDPEngine(folder, EngineConfig(device="cpu", mixed_precision="fp32", activation_checkpointing=False),
+                        OptimConfig(max_grad_norm=max_norm), 1, CPU)
+    plain = load_transformer(folder)
+    rollout = singular_sde_rollout(plain, embedding, cfg, torch.Generator().manual_seed(1))
+    engine.backward(policy_log_probs(engine.module, embedding, rollout, 0, cfg).mean())
+    policy_log_probs(plain, embedding, rollout, 0, cfg).mean().backward()
+    norm = engine.clip_grad_norm()
+    expected = torch.nn.utils.clip_grad_norm_(plain.parameters(), max_norm)
+    torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
+    for name, param in engine.module.named_parameters():
+        torch.testing.assert_close(param.grad.full_tensor(), plain.get_parameter(name).grad, rtol=1e-4, atol=1e-9)

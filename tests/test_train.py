@@ -146,6 +146,24 @@ def test_fsdp_two_process_training(fsdp_run, tiny_models):
     assert len(changed) == len(names), f"unchanged parameters: {sorted(set(names) - set(changed))[:5]}"
 
 
+def test_heldout_evaluation_with_uneven_prompts_and_sharded_weights(tiny_models, tiny_embeddings, tmp_path):
+    """3 held-out prompts on 2 ranks, weights re-gathered on every forward: the ranks still run equally many
+    forwards (else FSDP would hang), and the mean is over the 3 prompts, as one process computes it."""
+    from g2rpo.distributed import DistInfo
+    from g2rpo.trainer import Trainer
+
+    two = _train(tiny_models, tiny_embeddings, tmp_path / "two", "max_steps=1", "data.holdout=3", "eval_every=1",
+                 "engine.rollout_weights=sharded", "sample_every=0", "checkpoint_start=1000")
+    held = [json.loads(line) for line in (tmp_path / "two/heldout.jsonl").read_text().splitlines()]
+    cfg = load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", [
+        *_model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}", "data.holdout=3",
+        f"output_dir={tmp_path / 'one'}", "sample_every=0"])
+    trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    for name, value in trainer.evaluate(trainer.heldout).items():
+        assert held[0][f"heldout/{name}"] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert len(two) == 1
+
+
 def test_single_process_matches_fsdp(fsdp_run, tiny_models, tiny_embeddings, tmp_path):
     """One process rolling out both groups == two FSDP ranks with one group each (same seeds, same data)."""
     fsdp_out, fsdp_metrics = fsdp_run

@@ -20,6 +20,29 @@ from g2rpo.engine import FSDPEngine, shard_rows
 from g2rpo.models import SafetensorsFolder
 
 
+def clip_against_plain_model(engine, folder):
+    """Both ranks backpropagate the same loss: FSDP2's averaged, sharded gradients must clip as torch clips the
+    plain model's. Returns the norm difference and the largest clipped-gradient difference over ranks."""
+    from g2rpo.config import SamplingConfig
+    from g2rpo.models import load_transformer
+    from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+
+    g = torch.Generator().manual_seed(0)
+    embedding = PromptEmbedding(torch.randn(8, 32, generator=g), torch.randn(32, generator=g), torch.zeros(8, 3))
+    cfg = SamplingConfig(num_steps=4, branch_steps=[0], group_size=2, height=32, width=32)
+    plain = load_transformer(folder)
+    rollout = singular_sde_rollout(plain, embedding, cfg, torch.Generator().manual_seed(1))
+    engine.max_grad_norm = 1e-3  # clipping active
+    engine.backward(policy_log_probs(engine.module, embedding, rollout, 0, cfg).mean())
+    policy_log_probs(plain, embedding, rollout, 0, cfg).mean().backward()
+    norm = engine.clip_grad_norm()
+    expected = torch.nn.utils.clip_grad_norm_(plain.parameters(), 1e-3)
+    grad_diff = max((p.grad.full_tensor() - plain.get_parameter(n).grad).abs().max().item()
+                    for n, p in engine.module.named_parameters())
+    return {"norm": norm.item(), "expected": expected.item(), "grad_diff": grad_diff,
+            "grad_scale": max(p.grad.abs().max().item() for p in plain.parameters())}
+
+
 def main(flux_dir, out_dir):
     info = init_distributed("cpu")
     folder, out = Path(flux_dir) / "transformer", Path(out_dir)
@@ -40,6 +63,7 @@ def main(flux_dir, out_dir):
         if strategy == "slices":
             for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
                 export_transformer(engine, out / name, dtype, info)
+            result["clip"] = clip_against_plain_model(engine, folder)
         del engine
     barrier()
     if info.is_main:
