@@ -188,7 +188,8 @@ def export_transformer(engine, folder: Path, dtype: torch.dtype, info) -> None:
     """
     from diffusers import FluxTransformer2DModel
 
-    owners = plan_export(engine.param_sizes(), info.world_size)
+    sizes = engine.param_sizes()
+    owners = plan_export(sizes, info.world_size)
     mine = engine.gather_params(dtype, owners)
     writers = sorted(set(owners.values()))
     if len(writers) == 1:
@@ -203,7 +204,7 @@ def export_transformer(engine, folder: Path, dtype: torch.dtype, info) -> None:
             FluxTransformer2DModel.from_config(engine.config).save_config(folder)
         if len(writers) > 1:
             element = torch.tensor([], dtype=dtype).element_size()
-            index = {"metadata": {"total_size": sum(engine.param_sizes().values()) * element},
+            index = {"metadata": {"total_size": sum(sizes.values()) * element},
                      "weight_map": {name: names[rank] for name, rank in owners.items()}}
             atomic_write_text(folder / "diffusion_pytorch_model.safetensors.index.json", json.dumps(index, indent=2))
 

@@ -61,7 +61,7 @@ class Engine:
 
     module: torch.nn.Module
     config: dict  # the transformer's diffusers config
-    autocast_dtype: torch.dtype | None = None  # torch autocast around forwards (DeepSpeed); FSDP casts itself
+    autocast_dtype: torch.dtype | None = None  # torch autocast around forwards (DeepSpeed; FSDP in "autocast" mode)
 
     def __init__(self, engine_cfg, optim_cfg, total_updates: int, info: DistInfo):
         self.cfg, self.info = engine_cfg, info
@@ -193,8 +193,7 @@ class FSDPEngine(Engine):
         fully_shard(model, **policy)  # the root: embedders, final norm and projection
         self.units.append(model)
         self.module = model
-        self.store_device = torch.device("cpu") if engine_cfg.offload else info.device
-        model.to_empty(device=self.store_device)  # allocates this rank's shards only
+        model.to_empty(device="cpu" if engine_cfg.offload else info.device)  # allocates this rank's shards only
         mark("wrap")
         weights.check_names([n for n, _ in model.named_parameters()], f"FLUX transformer {weights_folder}")
         fill = _fill_from_slices if engine_cfg.load_strategy == "slices" else _fill_from_broadcast

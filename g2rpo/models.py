@@ -65,7 +65,7 @@ class SafetensorsFolder:
     """
 
     def __init__(self, folder: str | Path, prefix: str = "diffusion_pytorch_model"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         self.folder = Path(folder)
         index, single = self.folder / f"{prefix}.safetensors.index.json", self.folder / f"{prefix}.safetensors"
@@ -90,9 +90,7 @@ class SafetensorsFolder:
                     for key in f.keys():
                         self.files[key] = path
                         self.shapes[key] = tuple(f.get_slice(key).get_shape())
-            except Exception as exc:
-                if isinstance(exc, (FileNotFoundError, ValueError)):
-                    raise
+            except SafetensorError as exc:
                 raise ValueError(f"{path}: cannot read the safetensors header ({exc}); is the file complete?") from exc
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@ parallel export, and the I/O group's own time-out."""
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +233,12 @@ def test_gradient_norm_and_clipping_equal_torchs_on_the_plain_model(tiny_models,
     torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
     for name, param in engine.module.named_parameters():
         torch.testing.assert_close(param.grad.full_tensor(), plain.get_parameter(name).grad, rtol=1e-4, atol=1e-9)
+
+
+def test_a_truncated_weights_file_is_named(tiny_models, tmp_path):
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    source = Path(tiny_models.flux.path) / "transformer" / "diffusion_pytorch_model.safetensors"
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(source.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors: cannot read the safetensors header"):
+        SafetensorsFolder(folder)
