@@ -11,9 +11,13 @@ A checkpoint ``<output_dir>/checkpoint-<step>/`` holds
   size, the engine, the config and a format version;
 * ``COMMITTED`` -- written last, with the size and SHA-256 of every file.
 
+`save` and `load` take the parts explicitly (`Parts`: engine, train state, config, data identity).
 Every rank writes its own files into ``.checkpoint-<step>.tmp`` and hashes them (`file_owner`), all
-at once; rank 0 gathers the hashes, writes ``COMMITTED`` and renames the folder into place. Resuming
-verifies the same way, each rank its own files. ``output_dir`` must be on a file system every rank
+at once; rank 0 gathers the hashes, writes ``COMMITTED`` and renames the folder into place. A failure
+on any rank (a full disk included; free space is checked first) is raised on every rank and removes
+the unfinished folder. Resuming verifies the same way, each rank its own files; `check_resume` says
+beforehand, from ``trainer_state.json`` alone, whether the checkpoint fits the run. `purge` keeps the
+exports and their part of the manifest, which `verify_export` checks before inference uses them. ``output_dir`` must be on a file system every rank
 sees (one folder, written by all nodes). The collectives that wait on this I/O run in a gloo group
 with their own time-out (``io_timeout_minutes``). A folder without a valid ``COMMITTED`` is ignored
 by `find_latest`; a file whose size or hash disagrees with it is named in the error, never loaded.
@@ -21,33 +25,26 @@ by `find_latest`; a file whose size or hash disagrees with it is named in the er
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from g2rpo.distributed import all_gather_object, barrier
+from g2rpo.distributed import agreed, all_gather_object, barrier
+from g2rpo.fingerprint import FINGERPRINT, digest, sha256_file
 from g2rpo.io import atomic_write_text, save_safetensors
 
 FORMAT_VERSION = 2  # 2: FSDP2 state (the model's own parameter names), exports sharded per rank
 MARKER = "COMMITTED"
-# Settings a resumed run must share with the run that wrote the checkpoint.
-RESUME_INVARIANTS = ("sampling.group_size", "sampling.height", "sampling.width", "sampling.num_steps",
-                     "sampling.shift", "sampling.eta", "sampling.branch_steps", "sampling.granularities",
-                     "data.index", "data.prompts_per_rank", "data.holdout", "seed", "engine.kind")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# What a resumed run must share with the checkpoint besides the config: g2rpo.config.RESUME_MAY_CHANGE
+# lists the config fields that may change; DeepSpeed ZeRO states also need the same world size.
 
 
 # Files that name the rank that wrote them; everything else is rank 0's.
@@ -66,7 +63,7 @@ def file_owner(relative: str, world_size: int) -> int:
 
 
 def _file_entry(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def step_of(path: Path) -> int | None:
@@ -120,9 +117,13 @@ def verify(path: str | Path, checksums: bool = True, rank: int = 0, world_size: 
     if not marker.is_file():
         raise ValueError(f"{path}: not a committed checkpoint (no {MARKER}; it was interrupted while being written)")
     try:
-        manifest = json.loads(marker.read_text())["files"]
+        committed = json.loads(marker.read_text())
+        manifest = committed["files"]
     except (ValueError, KeyError) as exc:
         raise ValueError(f"{marker}: unreadable ({exc})") from None
+    if committed.get("resumable") is False:
+        raise ValueError(f"{path}: its resumable state was deleted (keep_last keeps only the newest); only its "
+                         f"transformer/ export remains. Resume from a newer checkpoint")
     for relative, expected in manifest.items():
         if file_owner(relative, world_size) != rank:
             continue
@@ -132,7 +133,7 @@ def verify(path: str | Path, checksums: bool = True, rank: int = 0, world_size: 
         size = file.stat().st_size
         if size != expected["size"]:
             raise ValueError(f"{file}: {size} bytes, expected {expected['size']} (truncated or corrupted)")
-        if checksums and _sha256(file) != expected["sha256"]:
+        if checksums and sha256_file(file) != expected["sha256"]:
             raise ValueError(f"{file}: SHA-256 mismatch (corrupted); delete the checkpoint or resume from another")
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("format_version") != FORMAT_VERSION:
@@ -153,18 +154,108 @@ def find_latest(output_dir: str | Path) -> Path | None:
     return None
 
 
-def check_compatible(saved_config: dict, config: dict, saved_world: int, world: int, engine: str) -> None:
-    def get(d, dotted):
-        for part in dotted.split("."):
-            d = d[part]
-        return d
+def _is_checkpoint_name(name: str) -> bool:
+    return re.fullmatch(r"\.?checkpoint-\d+(\.tmp)?", name) is not None
 
-    diffs = [f"{key}: checkpoint {get(saved_config, key)!r} != now {get(config, key)!r}"
-             for key in RESUME_INVARIANTS if get(saved_config, key) != get(config, key)]
-    if engine == "deepspeed" and saved_world != world:
-        diffs.append(f"world size: checkpoint {saved_world} != now {world} (DeepSpeed ZeRO states are per rank)")
-    if diffs:
-        raise ValueError("cannot resume with a different setup:\n  " + "\n  ".join(diffs))
+
+def export_manifest(folder: str | Path) -> dict | None:
+    """``{relative path: {size, sha256}}`` of an exported transformer as its checkpoint's ``COMMITTED``
+    records it (paths relative to ``folder``), or None when ``folder`` is not such an export."""
+    folder = Path(folder)
+    marker = folder.parent / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"{marker}: unreadable ({exc})") from None
+    prefix = f"{folder.name}/"
+    return {rel.removeprefix(prefix): entry for rel, entry in files.items() if rel.startswith(prefix)} or None
+
+
+def verify_export(folder: str | Path) -> str:
+    """Check an exported transformer before inference or evaluation uses it; returns what was checked.
+
+    The export of a committed checkpoint must match its ``COMMITTED`` manifest (size and SHA-256 of
+    every file, and no unlisted weights); the export of a checkpoint that was never committed is
+    refused; any other diffusers folder (e.g. FLUX.1-dev itself) is accepted as it is.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json; expected a diffusers transformer folder "
+                                f"(e.g. outputs/<run>/checkpoint-<step>/transformer)")
+    manifest = export_manifest(folder)
+    if manifest is None:
+        parent = folder.parent
+        if _is_checkpoint_name(parent.name) or (parent / "trainer_state.json").is_file():
+            raise ValueError(f"{folder}: belongs to checkpoint {parent}, which was never committed (no {MARKER}: "
+                             f"the run stopped while writing it); use another checkpoint, e.g. the newest one "
+                             f"with a {MARKER} file")
+        return f"{folder}: not a g2rpo checkpoint export; used as a plain diffusers folder (not verified)"
+    for relative, expected in manifest.items():
+        file = folder / relative
+        if not file.is_file():
+            raise ValueError(f"{file}: missing (listed in {folder.parent / MARKER})")
+        if file.stat().st_size != expected["size"]:
+            raise ValueError(f"{file}: {file.stat().st_size} bytes, expected {expected['size']} (truncated or "
+                             f"corrupted); re-export it or use another checkpoint")
+        if sha256_file(file) != expected["sha256"]:
+            raise ValueError(f"{file}: SHA-256 mismatch with {folder.parent / MARKER} (corrupted); use another "
+                             f"checkpoint")
+    unlisted = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors")
+                      if p.relative_to(folder).as_posix() not in manifest)
+    if unlisted:
+        raise ValueError(f"{folder}: weights not in its checkpoint's {MARKER}: {unlisted[:5]} (added later?)")
+    return f"{folder}: verified against {folder.parent / MARKER} ({len(manifest)} files)"
+
+
+def data_identity(index: str | Path) -> dict:
+    """The training data by content: the index file's SHA-256 and the fingerprint preprocessing wrote
+    beside it (what the embeddings were made from), so a resumed run may read a moved copy but not
+    other data under the same path."""
+    index = Path(index)
+    if not index.is_file():
+        raise FileNotFoundError(f"embedding index not found: {index} (run the preprocessing step, or set data.index)")
+    fingerprint = index.parent / FINGERPRINT
+    return {"index_sha256": sha256_file(index),
+            "embeddings": digest(json.loads(fingerprint.read_text())) if fingerprint.is_file() else None}
+
+
+def check_resume(path: Path, config: dict, world_size: int, data: dict) -> tuple[dict, list[str]]:
+    """Whether this run may continue checkpoint ``path``: ``(trainer_state, changed fields)``.
+
+    Reads only ``trainer_state.json`` (cheap; the files are verified when they are loaded). Raises
+    ValueError listing every field that must match and does not (`g2rpo.config.RESUME_MAY_CHANGE` names
+    those that may change), a changed data content, and a world-size change under DeepSpeed.
+    """
+    from g2rpo.config import resume_differences
+
+    state_file = path / "trainer_state.json"
+    if not (path / MARKER).is_file():
+        raise ValueError(f"{path}: not a committed checkpoint (no {MARKER}; it was interrupted while being written)")
+    try:
+        state = json.loads(state_file.read_text())
+        saved_config, saved_world = state["config"], state["world_size"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{state_file}: unreadable or incomplete ({type(exc).__name__}: {exc}); resume from "
+                         f"another checkpoint") from None
+    refused, changed = resume_differences(saved_config, config)
+    saved_data = state.get("data")
+    if saved_data is None:  # written before data identities were recorded: the path stands for the content
+        if saved_config["data"]["index"] != config["data"]["index"]:
+            refused.append(f"data.index: checkpoint {saved_config['data']['index']!r} != now "
+                           f"{config['data']['index']!r} (this checkpoint records no data content)")
+    elif saved_data != data:
+        what = [k for k in data if saved_data.get(k) != data[k]]
+        refused.append(f"data content ({', '.join(what)} of {config['data']['index']}): differs from the data the "
+                       f"checkpoint was trained on; point data.index at that data")
+    if config["engine"]["kind"] == "deepspeed" and saved_world != world_size:
+        refused.append(f"world size: checkpoint {saved_world} != now {world_size} (DeepSpeed ZeRO states are per rank)")
+    if refused:
+        raise ValueError(f"cannot resume {path} with a different setup:\n  " + "\n  ".join(refused)
+                         + "\n(fields that may change on resume: g2rpo.config.RESUME_MAY_CHANGE; to start a new run "
+                           "choose another output_dir or pass --overwrite)")
+    return state, changed
 
 
 # ------------------------------------------------------------------------------------ save / load
@@ -180,11 +271,28 @@ def plan_export(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     return owners
 
 
-def export_transformer(engine, folder: Path, dtype: torch.dtype, info) -> None:
+@dataclass
+class Parts:
+    """What a checkpoint saves and restores, named explicitly.
+
+    ``engine``: model + optimiser + LR scheduler (``save_state(folder, group)`` / ``load_state``, and
+    ``gather_params`` / ``param_sizes`` / ``config`` for the diffusers export); ``train_state``: the
+    loop's counters (``state_dict()`` / ``load_state_dict()``); ``config``: the run's config as a dict;
+    ``data``: the training data's identity (`data_identity`).
+    """
+
+    engine: Any
+    train_state: Any
+    config: dict
+    data: dict
+
+
+def export_transformer(engine, folder: Path, dtype: torch.dtype, info, group=None) -> None:
     """The transformer in diffusers format, written by every rank in parallel. Collective.
 
     Each rank gathers the full parameters the plan gives it and writes them as one safetensors
-    shard; rank 0 adds ``config.json`` and, for several shards, the index diffusers reads.
+    shard; rank 0 adds ``config.json`` and, for several shards, the index diffusers reads. A write
+    that fails on any rank fails on every rank (after the gathers, so no collective is left open).
     """
     from diffusers import FluxTransformer2DModel
 
@@ -196,43 +304,82 @@ def export_transformer(engine, folder: Path, dtype: torch.dtype, info) -> None:
         names = {writers[0]: "diffusion_pytorch_model.safetensors"}
     else:
         names = {r: f"diffusion_pytorch_model-{i + 1:05d}-of-{len(writers):05d}.safetensors" for i, r in enumerate(writers)}
-    folder.mkdir(parents=True, exist_ok=True)
-    if mine:
-        save_safetensors(mine, folder / names[info.rank], metadata={"format": "pt"})
-    if info.is_main:
-        with torch.device("meta"):
-            FluxTransformer2DModel.from_config(engine.config).save_config(folder)
-        if len(writers) > 1:
-            element = torch.tensor([], dtype=dtype).element_size()
-            index = {"metadata": {"total_size": sum(sizes.values()) * element},
-                     "weight_map": {name: names[rank] for name, rank in owners.items()}}
-            atomic_write_text(folder / "diffusion_pytorch_model.safetensors.index.json", json.dumps(index, indent=2))
+
+    def write():
+        folder.mkdir(parents=True, exist_ok=True)
+        if mine:
+            save_safetensors(mine, folder / names[info.rank], metadata={"format": "pt"})
+        if info.is_main:
+            with torch.device("meta"):
+                FluxTransformer2DModel.from_config(engine.config).save_config(folder)
+            if len(writers) > 1:
+                element = torch.tensor([], dtype=dtype).element_size()
+                index = {"metadata": {"total_size": sum(sizes.values()) * element},
+                         "weight_map": {name: names[rank] for name, rank in owners.items()}}
+                atomic_write_text(folder / "diffusion_pytorch_model.safetensors.index.json", json.dumps(index, indent=2))
+
+    agreed(write, group)
 
 
-def save(trainer, step: int, keep_last: int | None) -> Path:
-    """Write a committed full-state checkpoint after ``step``. Collective: every rank calls it."""
-    from g2rpo.config import to_dict
+def space_needed(output_dir: Path, engine, save_dtype: torch.dtype) -> tuple[int, str]:
+    """``(bytes, how it was estimated)`` a new checkpoint takes: the newest committed one's size, else the
+    fp32 weights and two AdamW moments (12 bytes a parameter) plus the export."""
+    latest = find_latest(output_dir)
+    if latest is not None:
+        files = json.loads((latest / MARKER).read_text())["files"]
+        return sum(entry["size"] for entry in files.values()), f"the size of {latest.name}"
+    params = sum(engine.param_sizes().values())
+    element = torch.tensor([], dtype=save_dtype).element_size()
+    return params * (12 + element), f"{params:,} parameters x (12 + {element}) bytes"
 
-    info, out, group = trainer.info, trainer.out_dir, trainer.io_group
-    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "state").mkdir(parents=True)
-    barrier(group)
-    trainer.engine.save_state(tmp / "state", group)
-    atomic_write_text(tmp / "state" / f"rng_rank{info.rank}.json", json.dumps(rng_state()))
-    save_dtype = torch.float32 if trainer.cfg.save_dtype == "float32" else torch.bfloat16
-    export_transformer(trainer.engine, tmp / "transformer", save_dtype, info)
-    if info.is_main:
-        atomic_write_text(tmp / "trainer_state.json", json.dumps({
-            "format_version": FORMAT_VERSION, "step": step + 1, "world_size": info.world_size,
-            "engine": trainer.cfg.engine.kind, "skipped": trainer.state.skipped, "config": to_dict(trainer.cfg),
-        }, indent=2))
-    barrier(group)  # every file is written; each rank hashes its own
-    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    mine = {rel: _file_entry(tmp / rel) for rel in files if file_owner(rel, info.world_size) == info.rank}
-    entries = all_gather_object(mine, group)
-    if info.is_main:
+
+_NOTHING_WRITTEN = "Nothing was written."
+
+
+def _check_space(output_dir: Path, needed: int, how: str, step: int) -> None:
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{output_dir}: not enough disk space for checkpoint-{step}: {free / 1e9:.3g} GB "
+                                    f"free, about {needed / 1e9:.3g} GB needed ({how}); free space there or set "
+                                    f"output_dir to a larger file system. {_NOTHING_WRITTEN}")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "[Errno 28]" in str(exc) \
+        or "No space left on device" in str(exc)
+
+
+def save(output_dir: Path, step: int, parts: Parts, info, group=None, keep_last: int | None = 0,
+         save_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a committed full-state checkpoint after ``step``. Collective: every rank calls it.
+
+    Space is checked first (rank 0). A failure on any rank -- a full disk included -- fails on every
+    rank, removes the unfinished folder and leaves the earlier checkpoints as they were.
+    """
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    needed, how = space_needed(output_dir, parts.engine, save_dtype)
+
+    def prepare():
+        if info.is_main:
+            _check_space(output_dir, needed, how, step)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "state").mkdir(parents=True)
+
+    def write_mine():
+        atomic_write_text(tmp / "state" / f"rng_rank{info.rank}.json", json.dumps(rng_state()))
+        if info.is_main:
+            atomic_write_text(tmp / "trainer_state.json", json.dumps({
+                "format_version": FORMAT_VERSION, **parts.train_state.state_dict(), "world_size": info.world_size,
+                "engine": parts.config["engine"]["kind"], "config": parts.config, "data": parts.data,
+            }, indent=2))
+
+    def hash_mine():  # every file is written; each rank hashes its own
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        return files, {rel: _file_entry(tmp / rel) for rel in files if file_owner(rel, info.world_size) == info.rank}
+
+    def commit(files, entries):
+        if not info.is_main:
+            return
         manifest = {rel: entry for part in entries for rel, entry in part.items()}
         for rel in files:  # a file its owner did not list (e.g. not yet visible on its node): hash it here
             manifest.setdefault(rel, _file_entry(tmp / rel))
@@ -241,7 +388,27 @@ def save(trainer, step: int, keep_last: int | None) -> Path:
             shutil.rmtree(final)
         tmp.rename(final)
         if keep_last:
-            purge(out, keep_last)
+            purge(output_dir, keep_last)
+
+    try:
+        agreed(prepare, group)
+        barrier(group)
+        parts.engine.save_state(tmp / "state", group)  # collective (DCP / DeepSpeed report failures on every rank)
+        agreed(write_mine, group)
+        export_transformer(parts.engine, tmp / "transformer", save_dtype, info, group)
+        barrier(group)
+        files, mine = agreed(hash_mine, group)
+        entries = all_gather_object(mine, group)
+        agreed(lambda: commit(files, entries), group)
+    except BaseException as exc:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(exc) and _NOTHING_WRITTEN not in str(exc):
+            raise OSError(errno.ENOSPC, f"{output_dir}: the disk filled up while writing checkpoint-{step} (about "
+                                        f"{needed / 1e9:.3g} GB needed, {how}); the unfinished folder was removed and "
+                                        f"the earlier checkpoints are intact. Free space there or set output_dir to "
+                                        f"a larger file system ({exc})") from exc
+        raise
     barrier(group)
     return final
 
@@ -249,14 +416,19 @@ def save(trainer, step: int, keep_last: int | None) -> Path:
 def purge(output_dir: Path, keep_last: int) -> list[Path]:
     """Delete the resumable ``state/`` of all but the newest ``keep_last`` committed checkpoints.
 
-    Their exported ``transformer/`` folders are kept for inference.
+    Their exported ``transformer/`` folders are kept for inference, and so is their part of the
+    manifest (``COMMITTED`` is rewritten without the ``state/`` files, so the export stays verifiable).
     """
     committed = sorted((p for p in output_dir.iterdir() if step_of(p) is not None and (p / "state").is_dir()
                         and (p / MARKER).is_file()), key=step_of)
     removed = []
     for path in committed[:-keep_last]:
+        marker = path / MARKER
+        manifest = json.loads(marker.read_text())
+        manifest["files"] = {rel: e for rel, e in manifest["files"].items() if not rel.startswith("state/")}
+        manifest["resumable"] = False
+        atomic_write_text(marker, json.dumps(manifest, indent=1))
         shutil.rmtree(path / "state")
-        (path / MARKER).unlink()
         removed.append(path)
     return removed
 
@@ -273,30 +445,18 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     return path
 
 
-def load(trainer, path: Path) -> None:
-    """Restore the engine, scheduler, RNG and step from a committed checkpoint. Collective.
+def load(path: Path, parts: Parts, info, group=None, checksums: bool = True) -> dict:
+    """Restore the engine, RNG and train state from a committed checkpoint; returns trainer_state.json.
+    Collective.
 
     Every rank verifies its own share of the files first (in parallel); any problem on any rank is
-    raised on all of them.
+    raised on all of them. Whether the checkpoint fits this run is `check_resume`'s business (earlier).
     """
-    from g2rpo.config import to_dict
-
-    info, group = trainer.info, trainer.io_group
-    problem, state = None, None
-    try:
-        state = verify(path, trainer.cfg.verify_checksums, info.rank, info.world_size)
-        if info.is_main:
-            check_compatible(state["config"], to_dict(trainer.cfg), state["world_size"], info.world_size,
-                             trainer.cfg.engine.kind)
-    except (ValueError, FileNotFoundError) as exc:
-        problem = str(exc)
-    problems = [p for p in all_gather_object(problem, group) if p]
-    if problems:
-        raise ValueError(problems[0])
-    trainer.engine.load_state(path / "state", group)
+    state = agreed(lambda: verify(path, checksums, info.rank, info.world_size), group)
+    parts.engine.load_state(path / "state", group)
     rng_file = path / "state" / f"rng_rank{info.rank}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
-    trainer.state.step = state["step"]
-    trainer.state.skipped = state.get("skipped", 0)
+    parts.train_state.load_state_dict(state)
     barrier(group)
+    return state

@@ -121,6 +121,27 @@ def all_gather_object(obj, group=None) -> list:
     return out
 
 
+class RankFailure(RuntimeError):
+    """Raised on the ranks where nothing failed when `agreed` saw an exception on another rank."""
+
+
+def agreed(fn, group=None):
+    """``fn()`` on every rank; an exception on any rank is raised on every rank, so that none is left
+    waiting in a later collective. The rank that failed re-raises its own exception; the others raise
+    `RankFailure` with its message. ``fn`` must not itself run collectives that could be left unmatched."""
+    try:
+        result, problem = fn(), None
+    except Exception as exc:  # noqa: BLE001 -- every kind must reach the other ranks
+        result, problem, failure = None, f"{type(exc).__name__}: {exc}", exc
+    problems = all_gather_object(problem, group)
+    if problem is not None:
+        raise failure
+    for rank, message in enumerate(problems):
+        if message is not None:
+            raise RankFailure(f"rank {rank} failed: {message}")
+    return result
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any rank."""
     return bool(all_reduce(torch.tensor(float(flag)), "max").item() > 0)
@@ -131,9 +152,11 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def teardown(exit_code: int = 0) -> None:
-    """End a CLI process cleanly. gloo can crash at interpreter exit, so leave with ``os._exit``."""
-    if dist.is_available() and dist.is_initialized():
+def teardown(exit_code: int = 0, sync: bool = True) -> None:
+    """End a CLI process cleanly. gloo can crash at interpreter exit, so leave with ``os._exit``.
+
+    ``sync=False`` (after an error) leaves without waiting for the other ranks, which may be elsewhere."""
+    if sync and dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.barrier()
         with contextlib.suppress(Exception):

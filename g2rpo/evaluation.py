@@ -8,6 +8,10 @@ Prompts are sharded across ranks (prompt i on rank i mod world); prompt i is sam
 ``--seed + i``, so a run is reproducible for any number of ranks. Images are written to
 ``<out>/images/NNNNN.png`` and skipped when they already exist (a re-run only re-scores); scores are
 always computed from the saved PNG, so they do not depend on whether an image was just generated.
+``<out>/fingerprint.json`` records what the images were made from (`image_fingerprint`: base
+pipeline, transformer, sampling settings, prompt set); existing images are reused only when it equals
+this run's, otherwise the run stops naming what changed (use a new --out, or --overwrite to delete the
+old outputs first). A --transformer is checked with `g2rpo.checkpoint.verify_export` before use.
 Outputs: ``scores.jsonl`` (one line per image), ``summary.md`` / ``summary.csv`` (mean ± std and n,
 in the paper's column order), ``grid.png`` (the first 16 images) and ``settings.json``.
 """
@@ -19,6 +23,8 @@ import csv
 import io
 import json
 import math
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,12 @@ from g2rpo.io import atomic_write_text, write_png, write_png_grid
 
 # The paper's table columns, in order. ImageReward and UnifiedReward are not computed (see README).
 METRIC_COLUMNS = {"hps": "HPS-v2.1", "clip_score": "CLIP Score", "pickscore": "PickScore"}
+# Everything an evaluation writes into --out besides images/ (what --overwrite deletes).
+OUTPUT_FILES = ("fingerprint.json", "scores.jsonl", "summary.md", "summary.csv", "grid.png", "settings.json")
+
+
+class EvaluationError(RuntimeError):
+    """A run that cannot start (stale outputs, a corrupted or uncommitted export): one line, no traceback."""
 
 
 def parse_args(argv=None):
@@ -47,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the images, scores and summary already in --out before generating")
     args = p.parse_args(argv)
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = [m for m in args.metrics if m not in METRIC_COLUMNS]
@@ -89,10 +103,69 @@ def _load_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)[None]
 
 
+def image_fingerprint(args, prompts: list[str]) -> dict:
+    """What the images of an evaluation are made from; the reward models are not part of it (scores
+    are always recomputed from the PNGs). Cheap: model folders are named by `weights_identity`."""
+    from g2rpo.fingerprint import digest, weights_identity
+
+    # {"kind": "base"} rather than a bare string, so that a change reads "transformer.kind: was base, now ..."
+    transformer = weights_identity(args.transformer) if args.transformer is not None else {"kind": "base"}
+    return {
+        "base": weights_identity(args.base),
+        "transformer": transformer,
+        "sampling": {"steps": args.steps, "guidance": args.guidance, "height": args.height, "width": args.width,
+                     "seed": args.seed, "dtype": args.dtype},
+        "prompts": {"count": len(prompts), "sha256": digest(prompts)},
+    }
+
+
+def clear_outputs(out: Path) -> None:
+    """Delete what an earlier evaluation wrote into ``out`` (and nothing else that may live there)."""
+    shutil.rmtree(out / "images", ignore_errors=True)
+    for path in [*(out / name for name in OUTPUT_FILES), *out.glob(".scores.rank*.jsonl")]:
+        path.unlink(missing_ok=True)
+
+
+def prepare_out(args, prompts: list[str]) -> str | None:
+    """Rank 0, before any rank generates: verify the transformer export, then make ``--out`` hold only
+    images made from this run's inputs (reuse on an exact fingerprint match, clear with --overwrite)
+    and record the fingerprint. Returns the verification note; raises `EvaluationError`."""
+    from g2rpo.checkpoint import verify_export
+    from g2rpo.fingerprint import StaleOutputsError, check_reuse, write_fingerprint
+
+    try:
+        if not (args.base / "model_index.json").is_file():
+            raise FileNotFoundError(f"--base {args.base}: no model_index.json; expected a diffusers FLUX pipeline "
+                                    f"folder (e.g. ckpt/flux)")
+        note = verify_export(args.transformer) if args.transformer is not None else None
+        expected = image_fingerprint(args, prompts)
+        if args.overwrite:
+            clear_outputs(args.out)
+        images = args.out / "images"
+        if any(images.glob("*.png")):
+            check_reuse(args.out, expected, "evaluation images", "--overwrite (OVERWRITE=1 for run_eval.sh)",
+                        has_outputs=True)
+        images.mkdir(parents=True, exist_ok=True)
+        write_fingerprint(args.out, expected)  # before the first image, so an interrupted run resumes
+    except (OSError, ValueError, StaleOutputsError) as exc:
+        raise EvaluationError(str(exc)) from None
+    return note
+
+
+def _prepare_all_ranks(args, prompts: list[str], info) -> None:
+    """`prepare_out` on rank 0; an error there is raised on every rank (`g2rpo.distributed.agreed`), so all
+    go on or all stop (no rank hangs)."""
+    from g2rpo.distributed import agreed
+
+    note = agreed(lambda: prepare_out(args, prompts) if info.is_main else None)
+    if note:
+        print(note, flush=True)
+
+
 def main(argv=None) -> None:
     from g2rpo.config import ModelsConfig, load_config
     from g2rpo.data import read_prompt_file
-    from g2rpo.distributed import barrier, init_distributed, print0, teardown
+    from g2rpo.distributed import RankFailure, barrier, init_distributed, print0, teardown
     from g2rpo.models import load_flux_pipeline, resolve_dtype
     from g2rpo.rewards import build_reward
 
@@ -100,8 +173,14 @@ def main(argv=None) -> None:
     prompts = read_prompt_file(args.prompts)[: args.limit]
     models = load_config(ModelsConfig, args.models_config)
     info = init_distributed(args.device)
+    try:
+        _prepare_all_ranks(args, prompts, info)
+    except EvaluationError as exc:  # rank 0's; the other ranks get RankFailure and leave quietly
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        teardown(1)
+    except RankFailure:
+        teardown(1)
     images_dir = args.out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
     mine = list(range(info.rank, len(prompts), info.world_size))
     todo = [i for i in mine if not (images_dir / f"{i:05d}.png").is_file()]
     print(f"rank {info.rank}: {len(mine)} prompts, {len(todo)} to generate", flush=True)

@@ -1,29 +1,43 @@
 """The evaluation harness: a 2-process run on tiny models, its table against the per-image scores."""
 
+import copy
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT
-from g2rpo.evaluation import METRIC_COLUMNS, summarize, summary_markdown
+from g2rpo.evaluation import METRIC_COLUMNS, EvaluationError, parse_args, prepare_out, summarize, summary_markdown
+from g2rpo.fingerprint import read_fingerprint
 from g2rpo.rewards import build_reward
 
+SIZE = ["--height", "64", "--width", "64", "--steps", "4", "--dtype", "float32", "--device", "cpu"]
 
-def _evaluate(tiny_models, models_yaml, prompt_file, out, nproc=2, extra=()):
+
+def _evaluate(tiny_models, models_yaml, prompt_file, out, nproc=2, extra=(), ok=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "scripts/evaluation/evaluate.py"), "--base", tiny_models.flux.path, "--prompts", str(prompt_file),
-           "--models-config", str(models_yaml), "--out", str(out), "--height", "64", "--width", "64", "--steps", "4",
-           "--dtype", "float32", "--device", "cpu", *extra]
+           "--models-config", str(models_yaml), "--out", str(out), *SIZE, *extra]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    if ok:
+        assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def _scores(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+
+
+def _images(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "images").glob("*.png"))}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +86,98 @@ def test_eval_script_end_to_end(tiny_models, tiny_pipeline, models_yaml, prompts
     assert "0 to generate" in again.stdout
     assert (out / "images/00002.png").stat().st_mtime_ns == before
     assert (out / "scores.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in records)
+    assert (out / "summary.md").read_text() == table and table in again.stdout
+    _check_another_transformer_is_refused_until_overwrite(tiny_models, tiny_pipeline, models_yaml, prompt_file, out)
+
+
+def _check_another_transformer_is_refused_until_overwrite(tiny_models, tiny_pipeline, models_yaml, prompt_file, out):
+    """``out`` holds the base model's evaluation: one with another transformer into it is refused (by every
+    rank, no hang), regenerates with --overwrite, and is then reused as it stands."""
+    other = out.parent / "other"
+    model = copy.deepcopy(tiny_pipeline.transformer)  # the base's transformer with one parameter changed
+    with torch.no_grad():
+        model.proj_out.bias.add_(0.5)
+    model.save_pretrained(other)
+    base_scores, base_images = _scores(out), _images(out)
+    base_table = (out / "summary.md").read_text()
+
+    swapped = ["--transformer", str(other)]
+    refused = _evaluate(tiny_models, models_yaml, prompt_file, out, extra=swapped, ok=False)
+    ranks_stderr = refused.stderr.split("failed (exitcode")[0]  # what follows is torchrun's own report
+    assert refused.returncode != 0 and "Traceback" not in ranks_stderr and ranks_stderr.count("error: ") == 1
+    assert "holds evaluation images made from other inputs than asked for now:\n  transformer.count: was (absent)" \
+        in refused.stderr and "  transformer.kind: was base, now folder\n" in refused.stderr
+    assert "--overwrite (OVERWRITE=1 for run_eval.sh)" in refused.stderr and "to generate" not in refused.stdout
+    assert _images(out) == base_images and _scores(out) == base_scores  # nothing touched
+
+    _evaluate(tiny_models, models_yaml, prompt_file, out, extra=[*swapped, "--overwrite"])
+    new_scores, new_images = _scores(out), _images(out)
+    assert sorted(new_images) == sorted(base_images)
+    assert all(new_images[name] != base_images[name] for name in new_images)
+    assert all(new[m] != old[m] for new, old in zip(new_scores, base_scores) for m in METRIC_COLUMNS)
+    assert read_fingerprint(out)["transformer"]["kind"] == "folder"
+    assert json.loads((out / "settings.json").read_text())["transformer"] == str(other)
+
+    again = _evaluate(tiny_models, models_yaml, prompt_file, out, extra=swapped)
+    assert again.stdout.count(" 0 to generate") == 2 and "plain diffusers folder (not verified)" in again.stdout
+    assert _images(out) == new_images and _scores(out) == new_scores
+    assert (out / "summary.md").read_text() != base_table and (out / "summary.md").read_text() in again.stdout
+
+
+def _args(tiny_models, tmp_path, *extra):
+    prompt_file = tmp_path / "prompts.txt"
+    if not prompt_file.exists():
+        prompt_file.write_text("a cat\na dog\na fox\n")
+    return parse_args(["--base", tiny_models.flux.path, "--prompts", str(prompt_file), "--out", str(tmp_path / "out"),
+                       "--models-config", "unused.yaml", *SIZE, *extra])
+
+
+def test_eval_fingerprint_reuses_only_an_exact_match(tiny_models, tmp_path):
+    prompts = ["a cat", "a dog", "a fox"]
+    out = tmp_path / "out"
+    assert prepare_out(_args(tiny_models, tmp_path), prompts) is None  # fresh: no transformer, nothing to check
+    recorded = read_fingerprint(out)
+    assert recorded["transformer"] == {"kind": "base"} and recorded["sampling"]["steps"] == 4
+    (out / "images/00000.png").write_bytes(b"png")
+    prepare_out(_args(tiny_models, tmp_path), prompts)  # the same inputs: reused
+    assert read_fingerprint(out) == recorded and (out / "images/00000.png").is_file()
+
+    for extra, used, field in [(["--steps", "5"], prompts, "sampling.steps: was 4, now 5"),
+                               (["--seed", "1"], prompts, "sampling.seed: was 0, now 1"),
+                               ([], prompts[:2], "prompts.count: was 3, now 2"),
+                               ([], ["a cat", "a dog", "a bird"], "prompts.sha256: was")]:
+        with pytest.raises(EvaluationError, match=field):
+            prepare_out(_args(tiny_models, tmp_path, *extra), used)
+    assert read_fingerprint(out) == recorded  # a refused run changes nothing
+
+    (out / "fingerprint.json").unlink()
+    with pytest.raises(EvaluationError, match="holds evaluation images of unknown origin"):
+        prepare_out(_args(tiny_models, tmp_path), prompts)
+    (out / "scores.jsonl").write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
+    prepare_out(_args(tiny_models, tmp_path, "--steps", "5", "--overwrite"), prompts)
+    assert not any((out / "images").iterdir()) and not (out / "scores.jsonl").exists()
+    assert (out / "notes.txt").is_file() and read_fingerprint(out)["sampling"]["steps"] == 5
+
+
+def test_eval_verifies_the_transformer_export(tiny_models, tmp_path):
+    from test_infer import committed_export, flip_last_byte
+
+    export = committed_export(tiny_models, tmp_path / "run")
+    assert prepare_out(_args(tiny_models, tmp_path, "--transformer", str(export)), ["a cat"]).endswith("(2 files)")
+    assert read_fingerprint(tmp_path / "out")["transformer"]["kind"] == "g2rpo checkpoint export"
+    shutil.rmtree(tmp_path / "out")
+    flip_last_byte(export / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(EvaluationError, match=r"diffusion_pytorch_model.safetensors: SHA-256 mismatch"):
+        prepare_out(_args(tiny_models, tmp_path, "--transformer", str(export)), ["a cat"])
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+    uncommitted = tmp_path / "run/checkpoint-5/transformer"
+    shutil.copytree(Path(tiny_models.flux.path) / "transformer", uncommitted)
+    with pytest.raises(EvaluationError, match="checkpoint-5, which was never committed"):
+        prepare_out(_args(tiny_models, tmp_path, "--transformer", str(uncommitted)), ["a cat"])
+    with pytest.raises(EvaluationError, match="no model_index.json"):
+        prepare_out(_args(tiny_models, tmp_path, "--base", str(tmp_path)), ["a cat"])
 
 
 def test_summary_table():

@@ -1,14 +1,41 @@
-"""scripts/inference/infer.py, run as a user runs it, against the pipeline called directly."""
+"""scripts/inference/infer.py, run as a user runs it, against the pipeline called directly; the check of
+a --transformer export (`g2rpo.checkpoint.verify_export`) before it is loaded."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from conftest import ROOT
+from g2rpo.checkpoint import verify_export
+from g2rpo.fingerprint import sha256_file
+
+INFER = [sys.executable, str(ROOT / "scripts/inference/infer.py")]
+
+
+def committed_export(tiny_models, parent: Path, step: int = 3) -> Path:
+    """``parent/checkpoint-<step>/transformer`` holding the tiny transformer, with a ``COMMITTED`` in the
+    format `g2rpo.checkpoint.save` writes (``{"files": {relative path: {size, sha256}}}``)."""
+    checkpoint = parent / f"checkpoint-{step}"
+    export = checkpoint / "transformer"
+    shutil.copytree(Path(tiny_models.flux.path) / "transformer", export)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    files = {p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(checkpoint.rglob("*")) if p.is_file()}
+    (checkpoint / "COMMITTED").write_text(json.dumps({"files": files}, indent=1))
+    return export
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def test_infer_script_writes_the_pipelines_images(tiny_pipeline, tiny_models, tmp_path):
@@ -16,10 +43,12 @@ def test_infer_script_writes_the_pipelines_images(tiny_pipeline, tiny_models, tm
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "scripts/inference/infer.py"), "--base", tiny_models.flux.path,
+    export = committed_export(tiny_models, tmp_path / "run")  # the base's own weights, as a verified export
+    cmd = [*INFER, "--base", tiny_models.flux.path, "--transformer", str(export),
            "--prompt-file", str(prompt_file), "--limit", "2", "--steps", "3", "--height", "64", "--width", "80",
            "--seed", "7", "--dtype", "float32", "--device", "cpu", "--out", str(out)]
-    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
+    assert f"{export}: verified against {export.parent / 'COMMITTED'} (2 files)" in result.stdout
 
     assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "settings.json"]
     settings = json.loads((out / "settings.json").read_text())
@@ -33,6 +62,67 @@ def test_infer_script_writes_the_pipelines_images(tiny_pipeline, tiny_models, tm
 
 
 def test_infer_rejects_bad_sizes(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/inference/infer.py"), "--prompt", "x",
-                             "--height", "60"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([*INFER, "--prompt", "x", "--height", "60"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2 and "multiples of 16" in result.stderr
+
+
+def test_verify_export_checks_the_committed_manifest(tiny_models, tmp_path):
+    export = committed_export(tiny_models, tmp_path)
+    weights = export / "diffusion_pytorch_model.safetensors"
+    assert verify_export(export) == f"{export}: verified against {tmp_path / 'checkpoint-3/COMMITTED'} (2 files)"
+
+    flip_last_byte(weights)  # same size, other bytes
+    with pytest.raises(ValueError, match=rf"{weights}: SHA-256 mismatch"):
+        verify_export(export)
+    flip_last_byte(weights)
+    weights.write_bytes(weights.read_bytes()[:-1])
+    with pytest.raises(ValueError, match=rf"{weights}: \d+ bytes, expected \d+ \(truncated"):
+        verify_export(export)
+
+
+def test_verify_export_refuses_unlisted_weights_and_uncommitted_checkpoints(tiny_models, tmp_path):
+    export = committed_export(tiny_models, tmp_path)
+    shutil.copy(export / "diffusion_pytorch_model.safetensors", export / "extra.safetensors")
+    with pytest.raises(ValueError, match=r"weights not in its checkpoint's COMMITTED: \['extra.safetensors'\]"):
+        verify_export(export)
+
+    (tmp_path / "checkpoint-3/COMMITTED").unlink()
+    with pytest.raises(ValueError, match="checkpoint-3, which was never committed"):
+        verify_export(export)
+    interrupted = tmp_path / ".checkpoint-5.tmp/transformer"
+    shutil.copytree(Path(tiny_models.flux.path) / "transformer", interrupted)
+    with pytest.raises(ValueError, match=r"\.checkpoint-5\.tmp, which was never committed"):
+        verify_export(interrupted)
+
+
+def test_verify_export_accepts_plain_folders_unverified(tiny_models, tmp_path):
+    plain = Path(tiny_models.flux.path) / "transformer"
+    assert verify_export(plain) == f"{plain}: not a g2rpo checkpoint export; used as a plain diffusers folder " \
+                                   f"(not verified)"
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}: no config.json"):
+        verify_export(tmp_path)
+
+
+def test_infer_refuses_a_corrupted_or_uncommitted_export(tiny_models, tmp_path):
+    export = committed_export(tiny_models, tmp_path / "run")
+    weights = export / "diffusion_pytorch_model.safetensors"
+    base = [*INFER, "--base", tiny_models.flux.path, "--prompt", "a red fox", "--steps", "1", "--height", "32",
+            "--width", "32", "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "out")]
+
+    flip_last_byte(weights)
+    result = subprocess.run([*base, "--transformer", str(export)], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == f"error: {weights}: SHA-256 mismatch with " \
+        f"{export.parent / 'COMMITTED'} (corrupted); use another checkpoint"
+    flip_last_byte(weights)
+    (export.parent / "COMMITTED").unlink()
+    result = subprocess.run([*base, "--transformer", str(export)], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    assert result.stderr.splitlines()[-1].startswith(f"error: {export}: belongs to checkpoint {export.parent}, "
+                                                     f"which was never committed")
+
+    plain = Path(tiny_models.flux.path) / "transformer"  # any other diffusers folder: used, with a note
+    result = subprocess.run([*base, "--transformer", str(plain)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"{plain}: not a g2rpo checkpoint export; used as a plain diffusers folder (not verified)" in result.stdout
+    assert (tmp_path / "out/00000.png").is_file()

@@ -5,6 +5,8 @@
         --prompts data/hpdv2_test_prompts.txt --out outputs/eval/g2rpo
 
 See g2rpo/evaluation.py for the outputs (scores.jsonl, summary.md/.csv, grid.png) and the seed policy.
+Images already in --out are reused only if its fingerprint.json matches this run (same base, transformer,
+sampling settings and prompts); otherwise the run stops: pick a new --out or pass --overwrite.
 """
 
 from g2rpo.evaluation import main

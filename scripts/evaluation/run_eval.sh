@@ -7,6 +7,8 @@
 #     OUT=outputs/eval/g2rpo bash scripts/evaluation/run_eval.sh --height 720 --width 720
 #
 # Extra arguments go to scripts/evaluation/evaluate.py (--steps, --guidance, --seed, --metrics, --limit ...).
+# OUT remembers what its images were made from (OUT/fingerprint.json); a run with another model, prompt
+# set or sampling settings is refused. Use a new OUT, or OVERWRITE=1 to delete OUT's old results first.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
@@ -22,5 +24,10 @@ if [ "$BASE" = "ckpt/tiny/flux" ]; then
   extra=(--height 64 --width 64 --steps 8 --dtype float32 --device cpu --limit 16)
 fi
 [ -n "${TRANSFORMER:-}" ] && extra+=(--transformer "$TRANSFORMER")
+case "${OVERWRITE:-0}" in
+  0) ;;
+  1) extra+=(--overwrite) ;;
+  *) echo "OVERWRITE=${OVERWRITE}: expected 0 or 1" >&2; exit 2 ;;
+esac
 exec torchrun --standalone --nproc_per_node="$NPROC" scripts/evaluation/evaluate.py \
   --base "$BASE" --prompts "$PROMPTS" --models-config "$MODELS" --out "$OUT" "${extra[@]}" "$@"

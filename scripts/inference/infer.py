@@ -7,7 +7,9 @@
 
 Writes ``00000.png, 00001.png, ...`` (named by prompt index) and ``settings.json`` into --out.
 Prompt i is sampled with seed ``--seed + i``, so an image does not depend on which other prompts
-were generated with it. Files are written atomically; nothing is downloaded.
+were generated with it. Files are written atomically; nothing is downloaded. A --transformer is
+checked first (`g2rpo.checkpoint.verify_export`): a checkpoint export must match its COMMITTED
+manifest, and one from a checkpoint that was never committed is refused.
 """
 
 import argparse
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from g2rpo.checkpoint import verify_export
 from g2rpo.data import read_prompt_file
 from g2rpo.io import atomic_write_text, write_png
 from g2rpo.models import load_flux_pipeline, resolve_dtype
@@ -46,10 +49,22 @@ def parse_args(argv=None):
     return args
 
 
+def check_transformer(folder: Path | None) -> None:
+    """Verify ``--transformer`` before loading it and print what was checked; a bad export ends the
+    process with one line on stderr (exit code 1), naming the file."""
+    if folder is None:
+        return
+    try:
+        print(verify_export(folder), flush=True)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     prompts = args.prompt if args.prompt else read_prompt_file(args.prompt_file)
     prompts = prompts[: args.limit] if args.limit is not None else prompts
+    check_transformer(args.transformer)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load_flux_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer).to(device)
     pipe.set_progress_bar_config(disable=True)

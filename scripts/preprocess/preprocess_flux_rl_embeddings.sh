@@ -5,8 +5,11 @@
 #   PROMPTS=data/my_prompts.txt OUT=data/rl_embeddings GPUS=8 bash scripts/preprocess/preprocess_flux_rl_embeddings.sh
 #
 # Settings (environment): PROMPTS (default data/prompts.txt), MODEL (ckpt/flux), OUT (data/rl_embeddings),
-# GPUS (processes; default: the number of visible GPUs, or 1), DTYPE (bfloat16). Extra arguments are
-# passed to `python -m g2rpo.preprocess`. Resumable: existing embedding files are kept.
+# GPUS (processes; default: the number of visible GPUs, or 1), DTYPE (bfloat16), OVERWRITE (0; 1 passes
+# --overwrite). Extra arguments are passed to `python -m g2rpo.preprocess`. Resumable: OUT/fingerprint.json
+# records the prompt file's SHA-256, the text encoders, the T5 length and the dtype; a re-run with the same
+# inputs keeps the existing embedding files, one with other inputs is refused (use a new OUT, or OVERWRITE=1
+# to delete OUT's embeddings, index and fingerprint first).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
@@ -14,6 +17,11 @@ PROMPTS="${PROMPTS:-data/prompts.txt}"
 MODEL="${MODEL:-ckpt/flux}"
 OUT="${OUT:-data/rl_embeddings}"
 DTYPE="${DTYPE:-bfloat16}"
+case "${OVERWRITE:-0}" in
+  0) ;;
+  1) set -- --overwrite "$@" ;;
+  *) echo "OVERWRITE=${OVERWRITE}: expected 0 or 1" >&2; exit 2 ;;
+esac
 if [ -z "${GPUS:-}" ]; then
   GPUS=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
