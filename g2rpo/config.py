@@ -323,6 +323,9 @@ class TrainConfig:
     eval_every: int = 0
     """every N steps (and before the first and after the last), the mean reward of deterministic samples of
     the held-out prompts (data.holdout) is logged as heldout/<reward> (0 = never)."""
+    overwrite: bool = False
+    """start afresh in an output_dir that holds an earlier run, deleting that run's files first (logs, configs,
+    checkpoints); without it such a folder is refused unless resume=auto continues it."""
 
     def __post_init__(self):
         if not self.rewards:
@@ -346,6 +349,54 @@ class TrainConfig:
             raise ValueError(f"io_timeout_minutes={self.io_timeout_minutes}: must be > 0")
         if self.decode_batch_size < 1:
             raise ValueError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
+        if self.overwrite and self.resume:
+            raise ValueError(f"overwrite=true with resume={self.resume!r}: choose one -- continue the run in "
+                             f"output_dir (resume) or delete it and start afresh (overwrite)")
+
+
+# Config fields a resumed run may change: the new value takes effect from the resume step on and is
+# logged there (config_history.jsonl and the console). Every other field must equal the checkpoint's,
+# or the resume is refused with the list. A name ending in "." covers its whole section.
+RESUME_MAY_CHANGE = (
+    "max_steps", "checkpoint_every", "checkpoint_start", "keep_last", "save_dtype", "sample_every", "eval_every",
+    "decode_batch_size", "io_timeout_minutes", "verify_checksums", "max_consecutive_skips", "resume", "overwrite",
+    "output_dir",
+    "optim.lr", "optim.max_grad_norm", "optim.lr_scheduler", "optim.warmup_steps",
+    "engine.fsdp_sharding", "engine.activation_checkpointing", "engine.device", "engine.load_strategy",
+    "engine.rollout_weights", "engine.compile_rollout",
+    "sampling.order", "sampling.micro_batch",
+    "data.index",  # the path; the content is compared on its own (g2rpo.checkpoint)
+    "models.flux.path", "models.hps.base_dir", "models.hps.checkpoint", "models.clip_score.path", "models.pickscore.",
+)
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """``{"a.b.c": value}`` over a nested dict (lists are values)."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def may_change_on_resume(name: str) -> bool:
+    return any(name == field or (field.endswith(".") and name.startswith(field)) for field in RESUME_MAY_CHANGE)
+
+
+def resume_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """``(refused, changed)``: the fields that differ between a checkpoint's config and this run's, as
+    ``"field: checkpoint A != now B"`` lines, split by `RESUME_MAY_CHANGE`."""
+    a, b = flatten(saved), flatten(now)
+    refused, changed = [], []
+    for name in sorted(set(a) | set(b)):
+        old, new = a.get(name, "(absent)"), b.get(name, "(absent)")
+        if old != new:
+            line = f"{name}: checkpoint {old!r} != now {new!r}"
+            (changed if may_change_on_resume(name) else refused).append(line)
+    return refused, changed
 
 
 # --------------------------------------------------------------------------------------------

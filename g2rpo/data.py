@@ -48,24 +48,45 @@ def write_embedding(path: str | Path, prompt_embeds, pooled_prompt_embeds, text_
                       "text_ids": text_ids}, path, metadata={"caption": caption})
 
 
+def _check_layout(shapes: dict, floats: dict, where: str, dims: tuple[int, int] | None) -> None:
+    """Keys, ranks, matching lengths, floating dtypes and (optionally) the model's dims of one embedding
+    file, from its tensors' shapes (``{key: shape}``) and whether each is floating point."""
+    missing = [k for k in EMBEDDING_KEYS if k not in shapes]
+    if missing:
+        raise ValueError(f"{where}: missing tensor(s) {', '.join(missing)}; expected {', '.join(EMBEDDING_KEYS)}")
+    embeds, pooled, ids = (tuple(shapes[k]) for k in EMBEDDING_KEYS)
+    if len(embeds) != 2 or len(pooled) != 1 or len(ids) != 2 or ids != (embeds[0], 3):
+        raise ValueError(f"{where}: shapes prompt_embeds {embeds}, pooled_prompt_embeds {pooled}, text_ids {ids}; "
+                         f"expected [S, D], [P], [S, 3]")
+    if not (floats["prompt_embeds"] and floats["pooled_prompt_embeds"]):
+        raise ValueError(f"{where}: embeddings must be floating point")
+    if dims is not None and (embeds[1], pooled[0]) != tuple(dims):
+        raise ValueError(f"{where}: embedding dims (D={embeds[1]}, P={pooled[0]}) do not match the "
+                         f"transformer (joint_attention_dim={dims[0]}, pooled_projection_dim={dims[1]})")
+
+
 def validate_embedding(tensors: dict, where: str, dims: tuple[int, int] | None = None):
     """Check keys, ranks, matching lengths, finiteness and (optionally) the model's dims; name ``where``."""
     import torch
 
-    missing = [k for k in EMBEDDING_KEYS if k not in tensors]
-    if missing:
-        raise ValueError(f"{where}: missing tensor(s) {', '.join(missing)}; expected {', '.join(EMBEDDING_KEYS)}")
-    embeds, pooled, ids = (tensors[k] for k in EMBEDDING_KEYS)
-    if embeds.dim() != 2 or pooled.dim() != 1 or ids.dim() != 2 or ids.shape != (embeds.shape[0], 3):
-        raise ValueError(f"{where}: shapes prompt_embeds {tuple(embeds.shape)}, pooled_prompt_embeds "
-                         f"{tuple(pooled.shape)}, text_ids {tuple(ids.shape)}; expected [S, D], [P], [S, 3]")
-    if not (embeds.is_floating_point() and pooled.is_floating_point()):
-        raise ValueError(f"{where}: embeddings must be floating point, got {embeds.dtype} and {pooled.dtype}")
-    if not (torch.isfinite(embeds).all() and torch.isfinite(pooled).all()):
+    _check_layout({k: t.shape for k, t in tensors.items()}, {k: t.is_floating_point() for k, t in tensors.items()},
+                  where, dims)
+    if not (torch.isfinite(tensors["prompt_embeds"]).all() and torch.isfinite(tensors["pooled_prompt_embeds"]).all()):
         raise ValueError(f"{where}: embeddings contain NaN or inf")
-    if dims is not None and (embeds.shape[1], pooled.shape[0]) != tuple(dims):
-        raise ValueError(f"{where}: embedding dims (D={embeds.shape[1]}, P={pooled.shape[0]}) do not match the "
-                         f"transformer (joint_attention_dim={dims[0]}, pooled_projection_dim={dims[1]})")
+
+
+def check_embedding_header(path: str | Path, dims: tuple[int, int] | None = None) -> None:
+    """`validate_embedding`'s layout checks from the safetensors header alone (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {key: f.get_slice(key) for key in f.keys()}
+            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+            floats = {key: s.get_dtype().startswith(("F", "BF")) for key, s in slices.items()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read embedding file ({exc}); re-run the preprocessing step") from None
+    _check_layout(shapes, floats, str(path), dims)
 
 
 class EmbeddingDataset:
@@ -100,6 +121,14 @@ class EmbeddingDataset:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def check_files(self, rank: int = 0, world_size: int = 1) -> int:
+        """Check every embedding file's header (tensors, shapes, dtypes, model dims) before training
+        starts, rather than when the schedule first reaches it; ranks split the files. Returns the count."""
+        mine = range(rank, len(self.entries), world_size)
+        for i in mine:
+            check_embedding_header(self.index_path.parent / self.entries[i]["file"], self.dims)
+        return len(mine)
 
     def split(self, holdout: int) -> tuple["EmbeddingDataset", "EmbeddingDataset | None"]:
         """``(train, heldout)``: the last ``holdout`` entries form the held-out set (None when 0)."""

@@ -154,6 +154,19 @@ class Engine:
 
     def _load_scheduler(self, folder: Path) -> None:
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        self._apply_lr(self.optim_cfg.lr)
+
+    def _apply_lr(self, lr: float) -> None:
+        """Make ``optim.lr`` of this run the schedule's base rate after a resume (the saved optimiser and
+        scheduler states carry the old run's): the rate at the current update follows the schedule."""
+        scheduler = self.scheduler
+        if all(base == lr for base in scheduler.base_lrs):
+            return
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 # --------------------------------------------------------------------------------------------

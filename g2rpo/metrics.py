@@ -14,7 +14,8 @@ from g2rpo.io import atomic_write_bytes, atomic_write_text, write_png_grid
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, reward_names: list[str], enabled: bool = True):
+    def __init__(self, out_dir: str | Path, reward_names: list[str], enabled: bool = True, purge_step: int | None = None):
+        """``purge_step``: the step a resumed run continues from (TensorBoard drops the events from it on)."""
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.reward_names = reward_names
@@ -25,7 +26,7 @@ class MetricsLogger:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -46,21 +47,29 @@ class MetricsLogger:
                     f.write(f"{step} {record[key]:.6f}\n")
 
     def truncate(self, step: int) -> None:
-        """On resume: drop log lines of steps >= ``step`` (written after the checkpoint by the stopped run)."""
+        """On resume at ``step``: drop what the stopped run logged after its checkpoint -- training lines of
+        steps >= ``step``, held-out lines of more than ``step`` completed steps -- so no step is logged twice."""
         if not self.enabled:
             return
-        for name in ("metrics.jsonl", "heldout.jsonl"):
-            path = self.out_dir / name
-            if path.is_file():
-                keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < step]
-                atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+        def keep(path: Path, step_of, limit: int) -> list[str]:
+            if not path.is_file():
+                return []
+            lines = [line for line in path.read_text().splitlines() if step_of(line) < limit]
+            atomic_write_text(path, "".join(line + "\n" for line in lines))
+            return lines
+
+        jsonl, text = (lambda line: json.loads(line)["step"]), (lambda line: int(line.split()[0]))
+        self.history = [json.loads(line) for line in keep(self.out_dir / "metrics.jsonl", jsonl, step)]
+        self.heldout = [json.loads(line) for line in keep(self.out_dir / "heldout.jsonl", jsonl, step + 1)]
+        keep(self.out_dir / "heldout_reward.txt", text, step + 1)
         for path in self.out_dir.glob("*_reward.txt"):
-            keep = [line for line in path.read_text().splitlines() if int(line.split()[0]) < step]
-            atomic_write_text(path, "".join(line + "\n" for line in keep))
-        self.history = [json.loads(line) for line in (self.out_dir / "metrics.jsonl").read_text().splitlines()] \
-            if (self.out_dir / "metrics.jsonl").is_file() else []
-        self.heldout = [json.loads(line) for line in (self.out_dir / "heldout.jsonl").read_text().splitlines()] \
-            if (self.out_dir / "heldout.jsonl").is_file() else []
+            if path.name != "heldout_reward.txt":
+                keep(path, text, step)
+
+    def has_heldout(self, step: int) -> bool:
+        """Whether a held-out evaluation after ``step`` completed steps is logged (rank 0 knows)."""
+        return any(record["step"] == step for record in self.heldout)
 
     def log_heldout(self, step: int, rewards: dict[str, float]) -> None:
         """Held-out evaluation (``step`` = optimiser steps taken so far): JSONL, TensorBoard, heldout_reward.txt."""

@@ -55,6 +55,13 @@ def load_transformer(path: str | Path, dtype: str | torch.dtype = torch.float32,
     return FluxTransformer2DModel.from_pretrained(folder, dtype=resolve_dtype(dtype), local_files_only=True)
 
 
+def transformer_dims(pipeline: str | Path) -> tuple[int, int]:
+    """``(joint_attention_dim, pooled_projection_dim)`` of a pipeline's transformer, from its config.json alone."""
+    folder = _require(Path(pipeline) / "transformer", "config.json", "FLUX transformer")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return config["joint_attention_dim"], config["pooled_projection_dim"]
+
+
 class SafetensorsFolder:
     """The tensors of a diffusers weights folder, read one tensor (or one row range) at a time.
 

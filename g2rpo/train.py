@@ -9,6 +9,7 @@ and prints the resolved world (nodes, ranks, groups per rank, steps, updates) wi
 """
 
 import argparse
+import sys
 
 from g2rpo.config import TrainConfig, load_config
 
@@ -20,6 +21,8 @@ def parse_args(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="print the resolved run and exit")
     parser.add_argument("--resume", default=None, help="auto (latest committed checkpoint, else fresh) or a "
                         "checkpoint folder; same as the override resume=...")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh in an output_dir that holds an earlier "
+                        "run, deleting that run's files; same as overwrite=true")
     parser.add_argument("--nnodes", type=int, default=None, help="for --dry-run: nodes (default: $NNODES or 1)")
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="for --dry-run: processes per node (default: $NPROC_PER_NODE or 1)")
@@ -49,7 +52,8 @@ def main(argv=None) -> None:
     import os
 
     args = parse_args(argv)
-    overrides = args.overrides + ([f"resume={args.resume}"] if args.resume else [])
+    overrides = args.overrides + ([f"resume={args.resume}"] if args.resume else []) \
+        + (["overwrite=true"] if args.overwrite else [])
     cfg = load_config(TrainConfig, args.config, overrides)
     if args.dry_run:
         nnodes = args.nnodes or int(os.environ.get("NNODES", "1"))
@@ -57,7 +61,8 @@ def main(argv=None) -> None:
         print(describe(cfg, nnodes, nproc))
         return
 
-    from g2rpo.distributed import init_distributed, print0, teardown
+    from g2rpo.distributed import RankFailure, init_distributed, print0, teardown
+    from g2rpo.rundir import RunInUseError
     from g2rpo.trainer import Interrupted, Trainer
 
     info = init_distributed(None if cfg.engine.device == "auto" else cfg.engine.device)
@@ -67,7 +72,24 @@ def main(argv=None) -> None:
     except Interrupted as stop:
         print0(f"{stop}; resume with --resume auto")
         teardown(stop.exit_code)
+    except RankFailure:  # the failing rank reports it
+        teardown(2, sync=False)
+    except (ValueError, OSError, RunInUseError) as exc:  # refusals that name their fix: no traceback
+        if os.environ.get("G2RPO_TRACEBACK") == "1" or not _refusal(exc):
+            raise
+        print(f"error (rank {info.rank}): {exc}", file=sys.stderr, flush=True)
+        teardown(2, sync=False)
     teardown(0)
+
+
+def _refusal(exc: BaseException) -> bool:
+    """An error of ours that says what is wrong and how to fix it (a bad config, file or folder, a full disk);
+    anything else keeps its traceback."""
+    import errno
+
+    if isinstance(exc, OSError):
+        return isinstance(exc, (FileNotFoundError, FileExistsError)) or exc.errno == errno.ENOSPC
+    return True
 
 
 if __name__ == "__main__":

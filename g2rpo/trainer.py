@@ -23,15 +23,17 @@ from g2rpo.advantages import mgai_advantages
 from g2rpo.config import TrainConfig, to_dict
 from g2rpo.data import EmbeddingDataset, GroupSchedule
 from g2rpo import checkpoint
-from g2rpo.distributed import DistInfo, all_gather_object, all_reduce, any_rank, io_group, print0
+from g2rpo.distributed import (DistInfo, agreed, all_gather_object, all_reduce, any_rank, broadcast_object, io_group,
+                               print0)
 from g2rpo.engine import build_engine
 from g2rpo.io import atomic_write_text
 from g2rpo.loss import ppo_clip_loss
 from g2rpo.memory import PhaseMeter
 from g2rpo.metrics import MetricsLogger
-from g2rpo.models import decode_latents, load_vae, release_memory
+from g2rpo.models import decode_latents, load_vae, release_memory, transformer_dims
 from g2rpo.rewards import build_reward
 from g2rpo.rollout import PromptEmbedding, RolloutResult, ode_sample, policy_log_probs, singular_sde_rollout
+from g2rpo.rundir import RunLock, append_history, clear_run, describe_run, run_files
 
 
 @dataclass
@@ -54,6 +56,12 @@ class TrainState:
     skipped: int = 0  # optimiser updates skipped for non-finite values, in all
     consecutive_skips: int = 0
 
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped = state["step"], state.get("skipped", 0)
+
 
 class NonFiniteError(RuntimeError):
     pass
@@ -66,15 +74,34 @@ def group_seed(seed: int, position: int) -> int:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, info: DistInfo, meter: PhaseMeter | None = None):
-        """``meter``: where start-up memory is recorded (a benchmark passes its own to go on measuring)."""
+        """``meter``: where start-up memory is recorded (a benchmark passes its own to go on measuring).
+
+        What can refuse the run is checked before any model is loaded: the output folder (lock, an
+        earlier run in it, a checkpoint to resume and whether it fits) and every embedding file's header.
+        """
         self.cfg, self.info = cfg, info
+        self._lock = RunLock(Path(cfg.output_dir)) if info.is_main else None
+        try:
+            self._build(meter or PhaseMeter(info.device))
+        except BaseException:
+            self.close()  # a refused or failed start leaves the folder free
+            raise
+
+    def _build(self, meter: PhaseMeter) -> None:
+        cfg, info, device = self.cfg, self.info, self.info.device
         torch.manual_seed(cfg.seed)
-        device = info.device
-        meter = meter or PhaseMeter(device)
+        self.out_dir = Path(cfg.output_dir)
+        self.state = TrainState()
+        self.data_identity = broadcast_object(agreed(lambda: checkpoint.data_identity(cfg.data.index)
+                                                     if info.is_main else None))
+        self.resume_from, self.resume_step, self.resume_changes = broadcast_object(agreed(self._claim_output_dir))
+        dims = transformer_dims(cfg.models.flux.path)
+        dataset = agreed(lambda: EmbeddingDataset(cfg.data.index, dims))
+        agreed(lambda: dataset.check_files(info.rank, info.world_size))
+        self.dataset, self.heldout = dataset.split(cfg.data.holdout)
         # One model at a time, each freed of its loading buffers before the next: the transformer is read
         # shard by shard into the engine, then the VAE, then each reward model.
         self.engine = build_engine(cfg, info, cfg.max_steps * len(cfg.sampling.branch_steps), meter.mark)
-        dims = (self.engine.config["joint_attention_dim"], self.engine.config["pooled_projection_dim"])
         self.vae = load_vae(cfg.models.flux.path, cfg.models.flux.dtype).to(device).eval().requires_grad_(False)
         self.rewards = {}
         for spec in cfg.rewards:
@@ -82,17 +109,44 @@ class Trainer:
             release_memory()
         meter.mark("vae+rewards")
         self.reward_weights = torch.tensor([spec.weight for spec in cfg.rewards])
-        self.dataset, self.heldout = EmbeddingDataset(cfg.data.index, dims).split(cfg.data.holdout)
         self.schedule = GroupSchedule(len(self.dataset), info.world_size, cfg.data.prompts_per_rank, cfg.seed,
                                       cfg.data.shuffle)
         self.io_group = io_group(cfg.io_timeout_minutes)
-        self.state = TrainState()
-        self.out_dir = Path(cfg.output_dir)
-        self.logger = MetricsLogger(self.out_dir, list(self.rewards), enabled=info.is_main)
-        if info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.parts = checkpoint.Parts(self.engine, self.state, to_dict(cfg), self.data_identity)
+        self.logger = MetricsLogger(self.out_dir, list(self.rewards), enabled=info.is_main,
+                                    purge_step=self.resume_step)
         self._report_startup_memory(dict(meter.phases))
+
+    def _claim_output_dir(self) -> tuple[str | None, int, list[str]] | None:
+        """Rank 0: lock ``output_dir`` and decide how this run starts there: ``(checkpoint to resume or None,
+        its step, the config fields that changed)``. Raises, naming the way out, where the folder holds
+        another run that this one would mix with or destroy."""
+        if not self.info.is_main:
+            return None
+        cfg, out = self.cfg, self.out_dir
+        self._lock.acquire()
+        earlier = run_files(out)
+        if cfg.overwrite:
+            if earlier:
+                print0(f"overwrite=true: deleted the earlier run in {out} ({describe_run(clear_run(out))})")
+            return None, 0, []
+        path = checkpoint.resolve_resume(cfg.resume, out)
+        if path is None:
+            if earlier and cfg.resume != "auto":
+                raise FileExistsError(f"{out}: holds an earlier run ({describe_run(earlier)}); continue it with "
+                                      f"--resume auto, replace it with --overwrite (deletes it), or set another "
+                                      f"output_dir")
+            exports = [p for p in earlier if checkpoint.step_of(p) is not None]
+            if exports:
+                raise FileExistsError(f"{out}: --resume auto found no resumable checkpoint, but the folder holds "
+                                      f"exports of an earlier run ({describe_run(exports)}) that a fresh start would "
+                                      f"overwrite; replace them with --overwrite, or set another output_dir")
+            return None, 0, []  # an earlier attempt that never checkpointed: its logs are dropped
+        if earlier and path.resolve().parent != out.resolve():
+            raise FileExistsError(f"{out}: holds an earlier run ({describe_run(earlier)}), and resume={path} belongs "
+                                  f"to another folder; resume into an empty output_dir, or into {path.parent}")
+        state, changed = checkpoint.check_resume(path, to_dict(cfg), self.info.world_size, self.data_identity)
+        return str(path), state["step"], [c for c in changed if not c.startswith(("resume:", "overwrite:"))]
 
     def _report_startup_memory(self, phases: dict) -> None:
         """``output_dir/startup_memory.json`` (every rank's phases) and one line: the largest over ranks."""
@@ -201,12 +255,18 @@ class Trainer:
                                  f"max_consecutive_skips={self.cfg.max_consecutive_skips}; stopping. Lower optim.lr, "
                                  f"check the reward models, or resume from the last checkpoint.")
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int, stop_requested=None) -> dict[str, float] | None:
+        """One step; None when ``stop_requested()`` (collective) turned true before its update phase began:
+        the step is abandoned, nothing has changed. Once updating, the step runs to its end."""
         t0 = time.perf_counter()
         groups = self.rollout(step)
         t1 = time.perf_counter()
+        if stop_requested is not None and stop_requested():
+            return None
         self.score(groups)
         t2 = time.perf_counter()
+        if stop_requested is not None and stop_requested():
+            return None
         finite = all(torch.isfinite(g.rewards).all() and torch.isfinite(g.anchor_rewards).all() for g in groups)
         if any_rank(not finite):
             self._skip("reward", None, updates=len(self.cfg.sampling.branch_steps))
@@ -261,56 +321,92 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path:
         """A committed full-state checkpoint after ``step`` (see g2rpo.checkpoint). Collective."""
-        return checkpoint.save(self, step, self.cfg.keep_last)
+        save_dtype = torch.float32 if self.cfg.save_dtype == "float32" else torch.bfloat16
+        return checkpoint.save(self.out_dir, step, self.parts, self.info, self.io_group, self.cfg.keep_last, save_dtype)
 
     def resume(self) -> Path | None:
-        path = checkpoint.resolve_resume(self.cfg.resume, self.out_dir)
+        """Load the checkpoint `_claim_output_dir` chose (if any), then record this start: ``config.yaml``
+        (the config in force), a line of ``config_history.jsonl``, logs cut back to the resumed step."""
+        path = Path(self.resume_from) if self.resume_from else None
         if path is None:
             print0("starting from scratch" + (" (no committed checkpoint found)" if self.cfg.resume else ""))
-            return None
-        checkpoint.load(self, path)
+        else:
+            checkpoint.load(path, self.parts, self.info, self.io_group, self.cfg.verify_checksums)
+            print0(f"resumed from {path} at step {self.state.step}")
+            for change in self.resume_changes:
+                print0(f"  changed on resume, applied from step {self.state.step}: {change}")
         if self.info.is_main:
             self.logger.truncate(self.state.step)
-        print0(f"resumed from {path} at step {self.state.step}")
+            atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            append_history(self.out_dir, {"step": self.state.step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                          "resumed_from": str(path) if path else None,
+                                          "world_size": self.info.world_size, "changes": self.resume_changes,
+                                          "config": to_dict(self.cfg)})
         return path
 
+    def _eval_due(self, step: int) -> bool:
+        """Held-out evaluation after ``step`` completed steps: every eval_every, and at the start and the end."""
+        every = self.cfg.eval_every
+        return bool(every) and (step % every == 0 or step == self.cfg.max_steps)
+
     def fit(self) -> TrainState:
-        """Train to ``max_steps``. SIGTERM/SIGINT finish the current step, write a committed checkpoint
-        and raise `Interrupted` (the CLI exits non-zero)."""
+        """Train to ``max_steps``. SIGTERM/SIGINT stop the run at the next check -- after the rollout or the
+        scoring of a step (that step is abandoned) or at the end of a step -- write a committed checkpoint of
+        the last completed step (unless one exists) and raise `Interrupted` (the CLI exits 128 + signal). A
+        held-out evaluation that a stop pre-empted runs when the run resumes."""
         from tqdm import tqdm
 
-        self.resume()
-        stop = _StopFlag()
-        bar = tqdm(range(self.state.step, self.cfg.max_steps), disable=not self.info.is_main, desc="g2rpo",
-                   dynamic_ncols=True, initial=self.state.step, total=self.cfg.max_steps)
-        with stop.installed():
-            if self.cfg.eval_every and self.state.step == 0:
-                self.logger.log_heldout(0, self.evaluate(self.heldout))
-            for step in bar:
-                metrics = self.train_step(step)
-                self.logger.log(step, metrics)
-                rewards = " ".join(f"{k.split('/')[1]}={metrics[k]:.4f}" for k in metrics
-                                   if k.startswith("eval_reward/"))
-                bar.set_postfix_str(f"loss={metrics['loss']:.3g} {rewards} {metrics['step_time']:.1f}s/step")
-                self.state.step = step + 1
-                last = step == self.cfg.max_steps - 1
-                if self.cfg.eval_every and (self.state.step % self.cfg.eval_every == 0 or last):
+        try:
+            self.resume()
+            stop = _StopFlag()
+            requested = lambda: any_rank(stop.signal is not None)  # noqa: E731 -- collective: every rank asks
+            bar = tqdm(range(self.state.step, self.cfg.max_steps), disable=not self.info.is_main, desc="g2rpo",
+                       dynamic_ncols=True, initial=self.state.step, total=self.cfg.max_steps)
+            with stop.installed():
+                if self._eval_due(self.state.step) and not broadcast_object(self.logger.has_heldout(self.state.step)):
                     self.logger.log_heldout(self.state.step, self.evaluate(self.heldout))
-                interrupted = any_rank(stop.signal is not None)
-                if self.should_checkpoint(step) or interrupted:
-                    self.save_checkpoint(step)
-                if interrupted:
-                    self.logger.close()
-                    raise Interrupted(stop.signal or signal.SIGTERM)
+                for step in bar:
+                    rng = checkpoint.rng_state()
+                    metrics = self.train_step(step, requested)
+                    if metrics is None:  # stopped before updating: the state is still that after step - 1
+                        checkpoint.set_rng_state(rng)
+                        self._stop(stop.signal, step - 1, f"step {step} abandoned before its update")
+                    self.logger.log(step, metrics)
+                    rewards = " ".join(f"{k.split('/')[1]}={metrics[k]:.4f}" for k in metrics
+                                       if k.startswith("eval_reward/"))
+                    bar.set_postfix_str(f"loss={metrics['loss']:.3g} {rewards} {metrics['step_time']:.1f}s/step")
+                    self.state.step = step + 1
+                    if requested():
+                        self._stop(stop.signal, step, f"after step {step}")
+                    if self._eval_due(self.state.step):
+                        self.logger.log_heldout(self.state.step, self.evaluate(self.heldout))
+                    if self.should_checkpoint(step):
+                        self.save_checkpoint(step)
+            self.logger.close()
+            return self.state
+        finally:
+            self.close()
+
+    def _stop(self, signum: int | None, last_step: int, where: str) -> None:
+        """Leave a committed checkpoint of ``last_step`` (the last completed step), then raise `Interrupted`."""
+        latest = checkpoint.find_latest(self.out_dir)
+        if last_step >= 0 and (latest is None or checkpoint.step_of(latest) != last_step):
+            self.save_checkpoint(last_step)
         self.logger.close()
-        return self.state
+        saved = f"checkpoint-{last_step}" if last_step >= 0 else "nothing to save (no step completed)"
+        raise Interrupted(signum or signal.SIGTERM, f"{where}; {saved}")
+
+    def close(self) -> None:
+        """Release the output folder's lock (the end of the process releases it too)."""
+        if self._lock is not None:
+            self._lock.release()
 
 
 class Interrupted(Exception):
     """Training stopped by a signal after writing a committed checkpoint."""
 
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signum} after a committed checkpoint")
+    def __init__(self, signum: int, where: str = ""):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name} ({where})")
         self.exit_code = 128 + int(signum)
 
 

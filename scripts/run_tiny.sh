@@ -18,8 +18,7 @@ export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_
 python scripts/prepare_tiny_checkpoints.py --out ckpt/tiny
 MODEL=ckpt/tiny/flux PROMPTS=data/example_prompts.txt OUT=data/tiny_embeddings GPUS=2 DTYPE=float32 \
   bash scripts/preprocess/preprocess_flux_rl_embeddings.sh --device cpu
-rm -rf outputs/tiny/train
-bash scripts/finetune/finetune_g2rpo_tiny.sh
+OVERWRITE=1 bash scripts/finetune/finetune_g2rpo_tiny.sh  # the main job always starts afresh
 last="$(ls -d outputs/tiny/train/checkpoint-* | sort -t- -k2 -n | tail -1)"
 python scripts/inference/infer.py --base ckpt/tiny/flux --transformer "$last/transformer" \
   --prompt-file data/example_prompts.txt --limit 4 --height 64 --width 64 --steps 16 --dtype float32 \

@@ -12,10 +12,15 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from g2rpo.config import ModelsConfig, load_config  # noqa: E402
 from g2rpo.data import read_prompt_file  # noqa: E402
 from g2rpo.tiny import prepare_tiny_checkpoints  # noqa: E402
+
+# In-process tests use one thread, as the torchrun subprocesses do (OMP_NUM_THREADS=1 in ENV): on a busy
+# 2-core machine more threads only contend.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

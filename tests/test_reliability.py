@@ -70,26 +70,52 @@ def test_half_then_resume_is_bit_identical(straight, tiny_models, tiny_embedding
     assert state["step"] == 4 and state["world_size"] == 2
 
 
-def test_sigterm_checkpoints_exits_nonzero_and_resume_continues(straight, tiny_models, tiny_embeddings, tmp_path):
+def _wait_for(path, lines, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (path.is_file() and path.read_text().count("\n") >= lines):
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_preemption_in_a_step_longer_than_torchruns_grace_keeps_the_last_step(straight, tiny_models,
+                                                                             tiny_embeddings, tmp_path):
+    """SIGTERM to the whole job (as a scheduler sends it) while step 1's rollout takes 35 s, more than
+    torchrun's default 30 s before it kills the workers: through g2rpo.launch the workers abandon step 1,
+    commit checkpoint-0 (the last completed step) and the job exits 128 + SIGTERM; the resumed run equals
+    the uninterrupted one. Meanwhile a second run into the same output_dir is refused by the lock."""
     out = tmp_path / "run"
-    cmd = _cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=100")
+    cmd = _cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=100",
+               script=("tests/helpers/train_with_faults.py", "slow@*:1:35"))
+    cmd[1:3] = ["-m", "g2rpo.launch"]  # instead of torch.distributed.run
     process = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((out / "metrics.jsonl").is_file()
-                                          and (out / "metrics.jsonl").read_text().count("\n") >= 1):
-        time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGTERM)  # as a cluster scheduler preempting the job
+    _wait_for(out / "metrics.jsonl", 1, process)  # step 0 is done; step 1's rollout is sleeping
+    second = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "--resume", "auto"), expect=None)
+    assert second.returncode != 0 and "another run is writing to this folder" in second.stderr and f'"pid": ' in second.stderr, second.stderr
+    os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
-    assert process.returncode != 0, output[-3000:]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "step 1 abandoned before its update; checkpoint-0" in output
     latest = checkpoint.find_latest(out)
-    assert latest is not None, output[-3000:]
-    stopped_at = checkpoint.verify(latest)["step"]
-    assert 1 <= stopped_at < 4
+    assert latest.name == "checkpoint-0" and checkpoint.verify(latest)["step"] == 1
+    assert sorted(_metrics(out)) == [0]
     _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=100", "--resume", "auto"))
     assert _same_weights(out / "checkpoint-3", straight / "checkpoint-3")
     resumed, reference = _metrics(out), _metrics(straight)
     assert [resumed[s]["loss"] for s in range(4)] == [reference[s]["loss"] for s in range(4)]
+    assert (out / "metrics.jsonl").read_text().count("\n") == 4  # nothing logged twice
+
+
+def test_full_disk_on_one_rank_fails_every_rank_and_keeps_earlier_checkpoints(tiny_models, tiny_embeddings, tmp_path):
+    out = tmp_path / "run"
+    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=3", "checkpoint_start=0", "checkpoint_every=1",
+                       script=("tests/helpers/train_with_faults.py", "enospc@1:1")), expect=None)
+    assert result.returncode != 0
+    assert "the disk filled up while writing checkpoint-1" in result.stderr and str(out) in result.stderr
+    assert "GB needed" in result.stderr and "Traceback" not in result.stderr.split("error (rank 1)")[1][:400]
+    assert not list(out.glob(".checkpoint-*")) and not (out / "checkpoint-1").exists()
+    assert checkpoint.verify(out / "checkpoint-0")["step"] == 1
 
 
 def test_crash_under_max_restarts_resumes_automatically(straight, tiny_models, tiny_embeddings, tmp_path):
@@ -140,12 +166,22 @@ def test_resume_errors(straight, tiny_models, tiny_embeddings, tmp_path):
     result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "sampling.group_size=4",
                        "sampling.branch_steps=[0,1]", "--resume", "auto"), expect=None)
     assert result.returncode != 0
-    assert "cannot resume with a different setup" in result.stderr
+    assert "with a different setup" in result.stderr
     assert "sampling.group_size: checkpoint 8 != now 4" in result.stderr
     assert "sampling.branch_steps: checkpoint [0, 1, 2, 3] != now [0, 1]" in result.stderr
+    assert not (out / "config.yaml").exists(), "a refused resume wrote its config"
     missing = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", f"resume={out / 'checkpoint-7'}"),
                    expect=None)
     assert missing.returncode != 0 and "checkpoint-7: no such checkpoint directory" in missing.stderr
+    # an error on rank 0 alone (its trainer_state.json is incomplete) reaches rank 1: both end, promptly
+    state_file = out / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]
+    state_file.write_text(json.dumps(state))
+    started = time.time()
+    broken = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "--resume", "auto"), expect=None)
+    assert broken.returncode != 0 and "trainer_state.json: unreadable or incomplete (KeyError" in broken.stderr
+    assert time.time() - started < 120
     with pytest.raises(ValueError, match="not a committed checkpoint"):
         checkpoint.verify(tmp_path)
 
@@ -161,7 +197,7 @@ def _fake_checkpoint(root, step, committed=True):
     (path / "transformer").mkdir()
     (path / "state" / "model.bin").write_bytes(b"x" * step)
     if committed:
-        (path / checkpoint.MARKER).write_text("{}")
+        (path / checkpoint.MARKER).write_text('{"files": {}}')
     return path
 
 
@@ -174,6 +210,8 @@ def test_uncommitted_checkpoints_are_ignored_and_purge_keeps_k(tmp_path):
     removed = checkpoint.purge(tmp_path, keep_last=2)
     assert [p.name for p in removed] == ["checkpoint-2"]
     assert not (tmp_path / "checkpoint-2" / "state").exists() and (tmp_path / "checkpoint-2" / "transformer").is_dir()
+    with pytest.raises(ValueError, match="its resumable state was deleted"):
+        checkpoint.verify(tmp_path / "checkpoint-2")  # its manifest stays, for the export
     assert (tmp_path / "checkpoint-4" / "state").is_dir() and (tmp_path / "checkpoint-6" / "state").is_dir()
     assert checkpoint.find_latest(tmp_path).name == "checkpoint-6"
 

@@ -98,7 +98,7 @@ def measure(args) -> None:
     overrides += [f"models.{section}.dtype={fields['dtype']}" for section, fields in to_dict(models).items()]
     overrides += [f"models.hps.arch={models.hps.arch}", f"models.flux.path={pipeline}",
                   f"data.index={workdir / 'embeddings/index.jsonl'}", f"output_dir={workdir / 'run'}",
-                  f"engine.device={args.device}", "engine.mixed_precision=bf16", "models.flux.dtype=bfloat16",
+                  "overwrite=true", f"engine.device={args.device}", "engine.mixed_precision=bf16", "models.flux.dtype=bfloat16",
                   f"sampling.height={args.height}", f"sampling.width={args.height}", "sampling.num_steps=4",
                   "sampling.branch_steps=[0]", f"sampling.group_size={args.group_size}", "data.holdout=0",
                   "eval_every=0", "sample_every=0", "max_steps=2", *args.overrides]

@@ -101,7 +101,9 @@ def main():
 
     args = parse_args()
     grid = SMOKE_GRID if args.smoke else [] if args.sampling_as_configured else REFERENCE_GRID
-    cfg = load_config(TrainConfig, args.config, grid + ["data.prompts_per_rank=1"] + args.overrides)
+    # its own scratch folder, replaced on every run (not the config's output_dir, which may hold a real run)
+    scratch = ["output_dir=outputs/bench_train_step", "overwrite=true"]
+    cfg = load_config(TrainConfig, args.config, grid + ["data.prompts_per_rank=1"] + scratch + args.overrides)
     if not Path(cfg.data.index).is_file():
         raise SystemExit(f"{cfg.data.index}: no embedding index; run `bash scripts/run_tiny.sh` (or the preprocess "
                          f"step) first, or point data.index=... at one")

@@ -7,6 +7,13 @@
 # Multi-node: run the same command on every node with its own NODE_RANK (0..NNODES-1) and the
 # same MASTER_ADDR / MASTER_PORT. DRY_RUN=1 validates the config and prints the resolved world
 # (nodes, ranks, groups, steps) without starting any process or needing a GPU.
+#
+# Re-running the same command continues the run in its output_dir (RESUME=auto, the default: the
+# newest committed checkpoint, or a fresh start in an empty folder); a folder holding another run
+# is refused. RESUME=none starts afresh (refused where a run exists), RESUME=<checkpoint folder>
+# resumes that one, OVERWRITE=1 deletes the run in output_dir and starts afresh.
+# Stops: SIGTERM/SIGINT give the workers G2RPO_STOP_TIMEOUT seconds (default 1800) to finish the
+# running phase and write a checkpoint (g2rpo/launch.py); the exit code is then 128 + signal.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
@@ -16,13 +23,21 @@ NODE_RANK="${NODE_RANK:-0}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+RESUME="${RESUME:-auto}"
 export NNODES NPROC_PER_NODE TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+start=()
+if [ "${OVERWRITE:-0}" = "1" ]; then
+  start=(--overwrite)
+elif [ "$RESUME" != "none" ]; then
+  start=(--resume "$RESUME")
+fi
 
 if [ "${DRY_RUN:-0}" = "1" ]; then
   exec python -m g2rpo.train --config "$CONFIG" --dry-run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "$@"
 fi
 if [ "$NNODES" = "1" ]; then
-  exec torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m g2rpo.train --config "$CONFIG" "$@"
+  exec python -m g2rpo.launch --standalone --nproc_per_node="$NPROC_PER_NODE" -m g2rpo.train --config "$CONFIG" \
+    "${start[@]}" "$@"
 fi
-exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \
-  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" -m g2rpo.train --config "$CONFIG" "$@"
+exec python -m g2rpo.launch --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \
+  --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" -m g2rpo.train --config "$CONFIG" "${start[@]}" "$@"

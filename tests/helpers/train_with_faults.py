@@ -4,26 +4,29 @@
 
 FAULT: ``nan-reward@RANK:STEP`` (that rank's rewards are NaN at that step; STEP may be ``*``),
 ``nan-loss@RANK:STEP`` (that rank's PPO loss is NaN in every update of that step),
-``crash@RANK:STEP`` (that rank dies at the start of that step, on the first torchrun attempt only).
-The production code is unchanged: the fault is patched in from outside.
+``crash@RANK:STEP`` (that rank dies at the start of that step, on the first torchrun attempt only),
+``slow@RANK:STEP:SECONDS`` (that rank's rollout of that step takes SECONDS longer),
+``enospc@RANK:STEP`` (the disk is full when that rank writes the checkpoint after that step).
+RANK may be ``*`` (every rank). The production code is unchanged: the fault is patched in from outside.
 """
 
+import errno
 import os
 import sys
+import time
 
 import torch
 
-from g2rpo import train, trainer
+from g2rpo import checkpoint, train, trainer
 
 
 def main() -> None:
     fault, args = sys.argv[1], sys.argv[2:]
     kind, where = fault.split("@")
-    rank, step = where.split(":")
-    rank = int(rank)
+    rank, step, *extra = where.split(":")
 
     def hit(self) -> bool:
-        return self.info.rank == rank and (step == "*" or self.state.step == int(step))
+        return (rank == "*" or self.info.rank == int(rank)) and (step == "*" or self.state.step == int(step))
 
     if kind == "nan-reward":
         original = trainer.Trainer.score
@@ -54,13 +57,40 @@ def main() -> None:
     elif kind == "crash":
         original = trainer.Trainer.train_step
 
-        def train_step(self, current):
+        def train_step(self, current, *args):
             if hit(self) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
                 print(f"injected crash of rank {rank} at step {current}", flush=True)
                 os._exit(17)
-            return original(self, current)
+            return original(self, current, *args)
 
         trainer.Trainer.train_step = train_step
+    elif kind == "slow":
+        original_rollout = trainer.Trainer.rollout
+
+        def rollout(self, current):
+            if hit(self):
+                print(f"injected delay of {extra[0]} s in the rollout of step {current}", flush=True)
+                time.sleep(float(extra[0]))
+            return original_rollout(self, current)
+
+        trainer.Trainer.rollout = rollout
+    elif kind == "enospc":
+        original_save = checkpoint.save_safetensors
+        original_checkpoint = trainer.Trainer.save_checkpoint
+
+        def save_checkpoint(self, current):
+            def full(state_dict, path, metadata=None):
+                if (rank == "*" or self.info.rank == int(rank)) and current == int(step):
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+                return original_save(state_dict, path, metadata)
+
+            checkpoint.save_safetensors = full
+            try:
+                return original_checkpoint(self, current)
+            finally:
+                checkpoint.save_safetensors = original_save
+
+        trainer.Trainer.save_checkpoint = save_checkpoint
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     train.main(args)
