@@ -92,6 +92,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.out_dir = Path(cfg.output_dir)
         self.state = TrainState()
+        self.saved_step = -1  # the step of the newest checkpoint this run wrote or resumed from
         self.data_identity = broadcast_object(agreed(lambda: checkpoint.data_identity(cfg.data.index)
                                                      if info.is_main else None))
         self.resume_from, self.resume_step, self.resume_changes = broadcast_object(agreed(self._claim_output_dir))
@@ -322,7 +323,9 @@ class Trainer:
     def save_checkpoint(self, step: int) -> Path:
         """A committed full-state checkpoint after ``step`` (see g2rpo.checkpoint). Collective."""
         save_dtype = torch.float32 if self.cfg.save_dtype == "float32" else torch.bfloat16
-        return checkpoint.save(self.out_dir, step, self.parts, self.info, self.io_group, self.cfg.keep_last, save_dtype)
+        path = checkpoint.save(self.out_dir, step, self.parts, self.info, self.io_group, self.cfg.keep_last, save_dtype)
+        self.saved_step = step
+        return path
 
     def resume(self) -> Path | None:
         """Load the checkpoint `_claim_output_dir` chose (if any), then record this start: ``config.yaml``
@@ -332,6 +335,7 @@ class Trainer:
             print0("starting from scratch" + (" (no committed checkpoint found)" if self.cfg.resume else ""))
         else:
             checkpoint.load(path, self.parts, self.info, self.io_group, self.cfg.verify_checksums)
+            self.saved_step = self.state.step - 1
             print0(f"resumed from {path} at step {self.state.step}")
             for change in self.resume_changes:
                 print0(f"  changed on resume, applied from step {self.state.step}: {change}")
@@ -389,8 +393,7 @@ class Trainer:
 
     def _stop(self, signum: int | None, last_step: int, where: str) -> None:
         """Leave a committed checkpoint of ``last_step`` (the last completed step), then raise `Interrupted`."""
-        latest = checkpoint.find_latest(self.out_dir)
-        if last_step >= 0 and (latest is None or checkpoint.step_of(latest) != last_step):
+        if last_step >= 0 and self.saved_step != last_step:  # the same on every rank, whatever the file system shows
             self.save_checkpoint(last_step)
         self.logger.close()
         saved = f"checkpoint-{last_step}" if last_step >= 0 else "nothing to save (no step completed)"
