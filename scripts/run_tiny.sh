@@ -4,7 +4,8 @@
 #   bash env_setup.sh && bash scripts/run_tiny.sh
 #
 # 1. build the tiny offline checkpoints (ckpt/tiny)
-# 2. encode data/example_prompts.txt with the tiny text encoders (data/tiny_embeddings)
+# 2. encode data/example_prompts.txt with the tiny text encoders (data/tiny_embeddings; 64 T5 positions
+#    instead of FLUX.1-dev's 512: the text tokens would otherwise be 97% of the tiny transformer's sequence)
 # 3. train with G2RPO under FSDP on 2 CPU processes (outputs/tiny/train: metrics, reward logs,
 #    sample grids, reward curve, diffusers checkpoints)
 # 4. sample with the trained transformer (outputs/tiny/inference)
@@ -17,7 +18,7 @@ export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_
 
 python scripts/prepare_tiny_checkpoints.py --out ckpt/tiny
 MODEL=ckpt/tiny/flux PROMPTS=data/example_prompts.txt OUT=data/tiny_embeddings GPUS=2 DTYPE=float32 \
-  bash scripts/preprocess/preprocess_flux_rl_embeddings.sh --device cpu
+  bash scripts/preprocess/preprocess_flux_rl_embeddings.sh --device cpu --max-sequence-length 64
 OVERWRITE=1 bash scripts/finetune/finetune_g2rpo_tiny.sh  # the main job always starts afresh
 last="$(ls -d outputs/tiny/train/checkpoint-* | sort -t- -k2 -n | tail -1)"
 python scripts/inference/infer.py --base ckpt/tiny/flux --transformer "$last/transformer" \

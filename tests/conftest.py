@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 EXAMPLE_PROMPTS = ROOT / "data" / "example_prompts.txt"
+TINY_T5_LENGTH = 64  # T5 positions of the tiny default's embeddings (scripts/run_tiny.sh)
 
 
 @pytest.fixture(scope="session")
@@ -33,12 +34,33 @@ def prompts() -> list[str]:
     return read_prompt_file(EXAMPLE_PROMPTS)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder ``build(folder)`` fills once per test run. Under pytest-xdist the workers share one copy: the
+    first to get here builds it under a file lock, the others wait for it (they never modify it)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent  # this run's folder, shared by its workers
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.write_text("")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory, prompts) -> Path:
     """``ckpt/tiny`` as scripts/prepare_tiny_checkpoints.py builds it (seed 0), in a session temp dir."""
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    prepare_tiny_checkpoints(out, prompts, seed=0)
-    return out
+    return built_once(tmp_path_factory, "ckpt", lambda folder: prepare_tiny_checkpoints(folder / "tiny", prompts,
+                                                                                          seed=0)) / "tiny"
 
 
 @pytest.fixture(scope="session")
@@ -71,10 +93,14 @@ def model_overrides(models: ModelsConfig) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_embeddings(tiny_models, tmp_path_factory) -> Path:
-    """data/example_prompts.txt encoded by the 2-process preprocessing job."""
-    out = tmp_path_factory.mktemp("emb") / "tiny_embeddings"
-    cmd = [*TORCHRUN, "-m", "g2rpo.preprocess", "--model", tiny_models.flux.path, "--prompts", str(EXAMPLE_PROMPTS),
-           "--out", str(out), "--dtype", "float32", "--device", "cpu"]
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return out
+    """data/example_prompts.txt encoded by the 2-process preprocessing job, at the tiny default's 64 T5 positions
+    (scripts/run_tiny.sh; FLUX.1-dev uses 512)."""
+
+    def build(folder):
+        cmd = [*TORCHRUN, "-m", "g2rpo.preprocess", "--model", tiny_models.flux.path, "--prompts",
+               str(EXAMPLE_PROMPTS), "--out", str(folder / "tiny_embeddings"), "--dtype", "float32", "--device", "cpu",
+               "--max-sequence-length", str(TINY_T5_LENGTH)]
+        result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    return built_once(tmp_path_factory, "emb", build) / "tiny_embeddings"

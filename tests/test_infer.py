@@ -103,26 +103,34 @@ def test_verify_export_accepts_plain_folders_unverified(tiny_models, tmp_path):
         verify_export(tmp_path)
 
 
-def test_infer_refuses_a_corrupted_or_uncommitted_export(tiny_models, tmp_path):
+def test_infer_refuses_a_corrupted_or_uncommitted_export(tiny_models, tmp_path, capsys):
+    """In process (``main`` raises the one-line ``SystemExit`` the CLI prints, without a traceback)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("infer_script", ROOT / "scripts/inference/infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
     export = committed_export(tiny_models, tmp_path / "run")
     weights = export / "diffusion_pytorch_model.safetensors"
-    base = [*INFER, "--base", tiny_models.flux.path, "--prompt", "a red fox", "--steps", "1", "--height", "32",
+    base = ["--base", tiny_models.flux.path, "--prompt", "a red fox", "--steps", "1", "--height", "32",
             "--width", "32", "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "out")]
 
     flip_last_byte(weights)
-    result = subprocess.run([*base, "--transformer", str(export)], capture_output=True, text=True)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1] == f"error: {weights}: SHA-256 mismatch with " \
-        f"{export.parent / 'COMMITTED'} (corrupted); use another checkpoint"
+    with pytest.raises(SystemExit) as refused:
+        infer.main([*base, "--transformer", str(export)])
+    assert refused.value.code == f"error: {weights}: SHA-256 mismatch with {export.parent / 'COMMITTED'} " \
+        f"(corrupted); use another checkpoint"
     flip_last_byte(weights)
     (export.parent / "COMMITTED").unlink()
-    result = subprocess.run([*base, "--transformer", str(export)], capture_output=True, text=True)
-    assert result.returncode == 1 and "Traceback" not in result.stderr and not (tmp_path / "out").exists()
-    assert result.stderr.splitlines()[-1].startswith(f"error: {export}: belongs to checkpoint {export.parent}, "
-                                                     f"which was never committed")
+    with pytest.raises(SystemExit) as refused:
+        infer.main([*base, "--transformer", str(export)])
+    assert refused.value.code.startswith(f"error: {export}: belongs to checkpoint {export.parent}, "
+                                         f"which was never committed")
+    assert not (tmp_path / "out").exists()
 
     plain = Path(tiny_models.flux.path) / "transformer"  # any other diffusers folder: used, with a note
-    result = subprocess.run([*base, "--transformer", str(plain)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"{plain}: not a g2rpo checkpoint export; used as a plain diffusers folder (not verified)" in result.stdout
+    capsys.readouterr()
+    infer.main([*base, "--transformer", str(plain)])
+    assert f"{plain}: not a g2rpo checkpoint export; used as a plain diffusers folder (not verified)" \
+        in capsys.readouterr().out
     assert (tmp_path / "out/00000.png").is_file()

@@ -20,8 +20,13 @@ from g2rpo.models import read_weights
 def _cmd(tiny_models, embeddings, out, *overrides, script=("-m", "g2rpo.train"), torchrun_args=()):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun_args,
             *script, "--config", str(ROOT / "configs/tiny.yaml"), *_model_overrides(tiny_models),
-            f"data.index={embeddings / 'index.jsonl'}", f"output_dir={out}", "sample_every=0", "eval_every=0",
-            "data.holdout=0", "save_dtype=float32", "keep_last=0", *overrides]
+            f"data.index={embeddings / 'index.jsonl'}", f"output_dir={out}", *SMALL, *overrides]
+
+
+# The tiny config made cheaper still (T=4, K=2, N=4): these tests are about the loop, not the numbers.
+SMALL = ("sample_every=0", "eval_every=0", "data.holdout=0", "save_dtype=float32", "keep_last=0",
+         "sampling.num_steps=4", "sampling.branch_steps=[0,1]", "sampling.group_size=4")
+K = 2  # updates per step under SMALL
 
 
 def _run(cmd, expect=0):
@@ -50,24 +55,6 @@ def straight(tiny_models, tiny_embeddings, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
     _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=0", "checkpoint_every=1"))
     return out
-
-
-def test_half_then_resume_is_bit_identical(straight, tiny_models, tiny_embeddings, tmp_path):
-    out = tmp_path / "run"
-    _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=2", "checkpoint_start=0", "checkpoint_every=1"))
-    assert checkpoint.find_latest(out).name == "checkpoint-1"
-    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=0", "checkpoint_every=1",
-                       "--resume", "auto"))
-    assert "resumed from" in result.stdout and "at step 2" in result.stdout
-    resumed, reference = _metrics(out), _metrics(straight)
-    assert sorted(resumed) == [0, 1, 2, 3]  # the log continues without duplicates
-    for step in range(4):
-        for key in DETERMINISTIC:
-            assert resumed[step][key] == reference[step][key], (step, key)
-    for step in range(4):
-        assert _same_weights(out / f"checkpoint-{step}", straight / f"checkpoint-{step}"), step
-    state = checkpoint.verify(out / "checkpoint-3")
-    assert state["step"] == 4 and state["world_size"] == 2
 
 
 def _wait_for(path, lines, process, timeout=300):
@@ -107,81 +94,95 @@ def test_preemption_in_a_step_longer_than_torchruns_grace_keeps_the_last_step(st
     assert (out / "metrics.jsonl").read_text().count("\n") == 4  # nothing logged twice
 
 
-def test_full_disk_on_one_rank_fails_every_rank_and_keeps_earlier_checkpoints(tiny_models, tiny_embeddings, tmp_path):
-    out = tmp_path / "run"
-    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=3", "checkpoint_start=0", "checkpoint_every=1",
-                       script=("tests/helpers/train_with_faults.py", "enospc@1:1")), expect=None)
-    assert result.returncode != 0
-    assert "the disk filled up while writing checkpoint-1" in result.stderr and str(out) in result.stderr
-    assert "GB needed" in result.stderr and "Traceback" not in result.stderr.split("error (rank 1)")[1][:400]
-    assert not list(out.glob(".checkpoint-*")) and not (out / "checkpoint-1").exists()
-    assert checkpoint.verify(out / "checkpoint-0")["step"] == 1
-
-
-def test_crash_under_max_restarts_resumes_automatically(straight, tiny_models, tiny_embeddings, tmp_path):
+def test_crash_under_max_restarts_resumes_bit_identically(straight, tiny_models, tiny_embeddings, tmp_path):
+    """Rank 1 dies at the start of step 2; torchrun (--max-restarts=1) restarts both ranks, which resume from
+    checkpoint-1: every logged value and every checkpoint equals the uninterrupted run's, logged once."""
     out = tmp_path / "run"
     result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "checkpoint_start=0", "checkpoint_every=1",
                        "resume=auto", script=("tests/helpers/train_with_faults.py", "crash@1:2"),
                        torchrun_args=("--max-restarts=1",)))
     assert "injected crash of rank 1 at step 2" in result.stdout + result.stderr
-    assert "resumed from" in result.stdout
-    assert _same_weights(out / "checkpoint-3", straight / "checkpoint-3")
+    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    resumed, reference = _metrics(out), _metrics(straight)
+    assert sorted(resumed) == [0, 1, 2, 3]  # the log continues without duplicates
+    assert (out / "metrics.jsonl").read_text().count("\n") == 4
+    for step in range(4):
+        for key in DETERMINISTIC:
+            assert resumed[step][key] == reference[step][key], (step, key)
+        assert _same_weights(out / f"checkpoint-{step}", straight / f"checkpoint-{step}"), step
+    state = checkpoint.verify(out / "checkpoint-3")
+    assert state["step"] == 4 and state["world_size"] == 2
 
 
-def test_nan_reward_on_one_rank_skips_the_step_everywhere(straight, tiny_models, tiny_embeddings, tmp_path):
+def test_non_finite_values_and_a_full_disk_on_one_rank(straight, tiny_models, tiny_embeddings, tmp_path):
+    """One run, three faults of rank 1: its rewards are NaN at step 1 (the whole step is skipped on both ranks),
+    its PPO loss at step 2 (each of that step's updates is skipped on both ranks), step 3 trains again; then
+    its disk is full while writing checkpoint-4: every rank fails with one message naming the folder and the
+    space, no partial checkpoint is left and the earlier ones stay committed."""
     out = tmp_path / "run"
-    _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=3", "checkpoint_start=0", "checkpoint_every=1",
-              script=("tests/helpers/train_with_faults.py", "nan-reward@1:1")))
+    faults = "nan-reward@1:1,nan-loss@1:2,enospc@1:4"
+    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=5", "checkpoint_start=0", "checkpoint_every=1",
+                       "max_consecutive_skips=10", script=("tests/helpers/train_with_faults.py", faults)), expect=None)
     metrics = _metrics(out)
-    assert metrics[1]["skipped_updates"] == 4 and metrics[0]["skipped_updates"] == 0
-    assert metrics[2]["skipped_updates"] == 0
+    assert [metrics[s]["skipped_updates"] for s in range(5)] == [0, K, K, 0, 0]
     assert _same_weights(out / "checkpoint-0", straight / "checkpoint-0")
     assert _same_weights(out / "checkpoint-1", out / "checkpoint-0"), "a skipped step changed parameters"
-    assert not _same_weights(out / "checkpoint-2", out / "checkpoint-1")
-    assert checkpoint.verify(out / "checkpoint-2")["skipped"] == 4
+    assert _same_weights(out / "checkpoint-2", out / "checkpoint-1"), "a skipped update changed parameters"
+    assert not _same_weights(out / "checkpoint-3", out / "checkpoint-2")
+    assert checkpoint.verify(out / "checkpoint-3")["skipped"] == 2 * K
 
-
-def test_nan_loss_on_one_rank_skips_those_updates_everywhere(straight, tiny_models, tiny_embeddings, tmp_path):
-    out = tmp_path / "run"
-    _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=3", "checkpoint_start=0", "checkpoint_every=1",
-              "max_consecutive_skips=10", script=("tests/helpers/train_with_faults.py", "nan-loss@1:1")))
-    metrics = _metrics(out)
-    assert [metrics[s]["skipped_updates"] for s in range(3)] == [0, 4, 0]
-    assert _same_weights(out / "checkpoint-0", straight / "checkpoint-0")
-    assert _same_weights(out / "checkpoint-1", out / "checkpoint-0"), "a skipped update changed parameters"
-    assert not _same_weights(out / "checkpoint-2", out / "checkpoint-1")
+    assert result.returncode != 0
+    assert "the disk filled up while writing checkpoint-4" in result.stderr and str(out) in result.stderr
+    assert "GB needed" in result.stderr and "Traceback" not in result.stderr.split("error (rank 1)")[1][:400]
+    assert not list(out.glob(".checkpoint-*")) and not (out / "checkpoint-4").exists()
+    assert checkpoint.find_latest(out).name == "checkpoint-3"
 
 
 def test_too_many_consecutive_skips_stop_the_run(tiny_models, tiny_embeddings, tmp_path):
-    result = _run(_cmd(tiny_models, tiny_embeddings, tmp_path / "run", "max_steps=4", "max_consecutive_skips=2",
-                       script=("tests/helpers/train_with_faults.py", "nan-reward@1:*")), expect=None)
-    assert result.returncode != 0
-    assert "3 skips in a row (last: non-finite reward), more than max_consecutive_skips=2" in result.stderr
-    assert len(_metrics(tmp_path / "run")) == 2  # steps 0 and 1 logged, the run stopped in step 2
+    """In process (one rank; that the ranks agree on a skip is the test above): rewards NaN from step 1 on."""
+    from g2rpo.config import TrainConfig, load_config
+    from g2rpo.distributed import DistInfo
+    from g2rpo.trainer import NonFiniteError, Trainer
+
+    out = tmp_path / "run"
+    cfg = load_config(TrainConfig, ROOT / "configs/tiny.yaml", [
+        *_model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}", f"output_dir={out}", *SMALL,
+        "max_steps=4", "max_consecutive_skips=2", "checkpoint_start=100"])
+    trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    score = trainer.score
+
+    def nan_from_step_1(groups):
+        score(groups)
+        for group in groups:
+            if trainer.state.step >= 1:
+                group.rewards = torch.full_like(group.rewards, float("nan"))
+
+    trainer.score = nan_from_step_1
+    with pytest.raises(NonFiniteError, match=r"3 skips in a row \(last: non-finite reward\), more than "
+                                             r"max_consecutive_skips=2"):
+        trainer.fit()
+    assert len(_metrics(out)) == 3  # steps 0, 1 and 2 logged; the run stopped in step 3
 
 
 def test_resume_errors(straight, tiny_models, tiny_embeddings, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight / "checkpoint-1", out / "checkpoint-1")
-    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "sampling.group_size=4",
-                       "sampling.branch_steps=[0,1]", "--resume", "auto"), expect=None)
-    assert result.returncode != 0
-    assert "with a different setup" in result.stderr
-    assert "sampling.group_size: checkpoint 8 != now 4" in result.stderr
-    assert "sampling.branch_steps: checkpoint [0, 1, 2, 3] != now [0, 1]" in result.stderr
-    assert not (out / "config.yaml").exists(), "a refused resume wrote its config"
-    missing = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", f"resume={out / 'checkpoint-7'}"),
-                   expect=None)
-    assert missing.returncode != 0 and "checkpoint-7: no such checkpoint directory" in missing.stderr
+    saved = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    other = {**saved["config"], "sampling": {**saved["config"]["sampling"], "group_size": 2, "branch_steps": [0]}}
+    with pytest.raises(ValueError, match=r"(?s)with a different setup.*sampling.branch_steps: checkpoint \[0, 1\] != "
+                                         r"now \[0\].*sampling.group_size: checkpoint 4 != now 2"):
+        checkpoint.check_resume(out / "checkpoint-1", other, 2, saved["data"])
+    with pytest.raises(FileNotFoundError, match="checkpoint-7: no such checkpoint directory"):
+        checkpoint.resolve_resume(str(out / "checkpoint-7"), out)
     # an error on rank 0 alone (its trainer_state.json is incomplete) reaches rank 1: both end, promptly
     state_file = out / "checkpoint-1" / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    del state["config"]
-    state_file.write_text(json.dumps(state))
+    del saved["config"]
+    state_file.write_text(json.dumps(saved))
     started = time.time()
     broken = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=4", "--resume", "auto"), expect=None)
     assert broken.returncode != 0 and "trainer_state.json: unreadable or incomplete (KeyError" in broken.stderr
     assert time.time() - started < 120
+    assert not (out / "config.yaml").exists(), "a refused resume wrote its config"
     with pytest.raises(ValueError, match="not a committed checkpoint"):
         checkpoint.verify(tmp_path)
 
@@ -231,15 +232,30 @@ def test_corrupted_or_truncated_files_are_named(straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_resume_is_bit_identical(tiny_models, tiny_embeddings, tmp_path):
+def test_deepspeed_trains_like_fsdp_exports_and_resumes_bit_identically(straight, tiny_models, tiny_embeddings,
+                                                                          tmp_path):
+    """ZeRO-2 on 2 ranks: the same losses and rewards as the FSDP run (same seeds, same data), an export that
+    reloads into diffusers with every parameter trained, and a resume (after a crash, by --max-restarts)
+    equal to the uninterrupted run."""
+    from diffusers import FluxTransformer2DModel
+
     ds = ("engine.kind=deepspeed", "engine.zero_stage=2", "checkpoint_start=0", "checkpoint_every=1")
     straight_out, out = tmp_path / "straight", tmp_path / "resumed"
-    _run(_cmd(tiny_models, tiny_embeddings, straight_out, "max_steps=3", *ds))
-    _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=2", *ds))
-    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=3", *ds, "--resume", "auto"))
-    assert "at step 2" in result.stdout
-    assert _same_weights(out / "checkpoint-2", straight_out / "checkpoint-2")
-    assert _metrics(out)[2]["loss"] == _metrics(straight_out)[2]["loss"]
+    _run(_cmd(tiny_models, tiny_embeddings, straight_out, "max_steps=2", *ds))
+    for step in (0, 1):
+        for key in ("loss", "reward/hps", "eval_reward/clip_score"):
+            assert _metrics(straight_out)[step][key] == pytest.approx(_metrics(straight)[step][key], rel=1e-3,
+                                                                      abs=1e-6), (step, key)
+    trained = FluxTransformer2DModel.from_pretrained(straight_out / "checkpoint-1" / "transformer",
+                                                     local_files_only=True)
+    base = FluxTransformer2DModel.from_pretrained(tiny_models.flux.path, subfolder="transformer", local_files_only=True)
+    unchanged = [n for n, p in trained.named_parameters() if torch.equal(p, base.get_parameter(n))]
+    assert not unchanged, unchanged[:5]
+    result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=2", *ds, "resume=auto",
+                       script=("tests/helpers/train_with_faults.py", "crash@0:1"), torchrun_args=("--max-restarts=1",)))
+    assert "injected crash of rank 0 at step 1" in result.stdout + result.stderr and "at step 1" in result.stdout
+    assert _same_weights(out / "checkpoint-1", straight_out / "checkpoint-1")
+    assert _metrics(out)[1]["loss"] == _metrics(straight_out)[1]["loss"]
 
 
 def test_rng_state_round_trip():

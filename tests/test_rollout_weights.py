@@ -70,18 +70,27 @@ def test_rollout_weights_option_is_validated():
         EngineConfig(rollout_weights="full")
 
 
-@pytest.mark.parametrize("kind,compiled", [("fsdp", "0"), pytest.param("deepspeed", "0", marks=pytest.mark.slow),
-                                           pytest.param("fsdp", "1", marks=pytest.mark.slow)])
-def test_gathered_rollouts_equal_sharded_ones_and_follow_each_step(kind, compiled, tiny_models, tmp_path):
-    """Two ranks (FSDP2, or ZeRO-3; torch.compiled or not): same rollouts before and after a step, and the
-    gathered rollout makes no collective call per forward (FSDP: none at all inside the rollout)."""
-    out = tmp_path / "result.json"
-    cmd = [*TORCHRUN, str(ROOT / "tests/helpers/rollout_weights.py"), tiny_models.flux.path, kind, compiled, str(out)]
+VARIANTS = ("fsdp:1", "fsdp:0", "deepspeed:0")  # engine kind : torch.compile the gathered rollout
+
+
+@pytest.fixture(scope="module")
+def two_rank_rollouts(tiny_models, tmp_path_factory):
+    """One 2-rank launch running every variant in turn (each engine built afresh in the same processes)."""
+    out = tmp_path_factory.mktemp("rollout_weights") / "result.json"
+    cmd = [*TORCHRUN, str(ROOT / "tests/helpers/rollout_weights.py"), tiny_models.flux.path, ",".join(VARIANTS),
+           str(out)]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    measured = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gathered_rollouts_equal_sharded_ones_and_follow_each_step(variant, two_rank_rollouts):
+    """Two ranks (FSDP2, or ZeRO-3; torch.compiled or not): same rollouts before and after a step, and the
+    gathered rollout makes no collective call per forward (FSDP: none at all inside the rollout)."""
+    measured = two_rank_rollouts[variant]
     assert max(measured["diff"]) < 1e-4, measured  # stale weights after the step differ by ~2 here
-    if kind == "fsdp":
+    if variant.startswith("fsdp"):
         calls = expected_cost(CFG_HELPER)["calls"]
         assert all(n >= calls for n in measured["collectives_sharded"]), measured  # gathers on every forward
         assert measured["collectives_gathered"] == [3, 3], measured  # one all-gather per unit (2 blocks + root)

@@ -1,10 +1,11 @@
 """torchrun helper for tests/test_rollout_weights.py: rollouts on the gathered weights == through the sharded engine.
 
-    torchrun --nproc_per_node=2 tests/helpers/rollout_weights.py FLUX_DIR KIND COMPILE OUT_JSON
+    torchrun --nproc_per_node=2 tests/helpers/rollout_weights.py FLUX_DIR KIND:COMPILE[,KIND:COMPILE...] OUT_JSON
 
-Rolls out one group per rank with ``engine.rollout_weights=sharded`` (every forward re-gathers) and
-with ``gathered`` (compiled if COMPILE is 1), takes one optimiser step, and does it again; rank 0
-writes the largest differences over both ranks and the collective calls each way made per rollout.
+For each engine (KIND fsdp or deepspeed, COMPILE 1 to torch.compile the gathered rollout), one after the
+other in the same processes: rolls out one group per rank with ``engine.rollout_weights=sharded`` (every
+forward re-gathers) and with ``gathered``, takes one optimiser step, and does it again; rank 0 writes, per
+engine, the largest differences over both ranks and the collective calls each way made per rollout.
 """
 
 import contextlib
@@ -53,8 +54,19 @@ def rollout(engine, embedding, cfg, weights):
     return result, len(calls)
 
 
-def main(flux_dir, kind, compile_rollout, out):
+def main(flux_dir, variants, out):
     info = init_distributed("cpu")
+    results = {}
+    for variant in variants.split(","):
+        kind, compile_rollout = variant.split(":")
+        results[variant] = run(info, flux_dir, kind, compile_rollout)
+    if info.is_main:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    teardown(0)
+
+
+def run(info, flux_dir, kind, compile_rollout):
     torch.manual_seed(0)
     engine_cfg = EngineConfig(kind=kind, zero_stage=3, device="cpu", mixed_precision="fp32",
                               compile_rollout=compile_rollout == "1")
@@ -80,10 +92,7 @@ def main(flux_dir, kind, compile_rollout, out):
             loss = policy_log_probs(engine.module, embedding, sharded, 0, cfg).mean()
         engine.backward(loss)
         engine.step()
-    if info.is_main:
-        with open(out, "w") as f:
-            json.dump(result, f)
-    teardown(0)
+    return result
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ FAULT: ``nan-reward@RANK:STEP`` (that rank's rewards are NaN at that step; STEP 
 ``crash@RANK:STEP`` (that rank dies at the start of that step, on the first torchrun attempt only),
 ``slow@RANK:STEP:SECONDS`` (that rank's rollout of that step takes SECONDS longer),
 ``enospc@RANK:STEP`` (the disk is full when that rank writes the checkpoint after that step).
-RANK may be ``*`` (every rank). The production code is unchanged: the fault is patched in from outside.
+RANK may be ``*`` (every rank); several faults are separated by commas. The production code is unchanged:
+the faults are patched in from outside.
 """
 
 import errno
@@ -21,7 +22,13 @@ from g2rpo import checkpoint, train, trainer
 
 
 def main() -> None:
-    fault, args = sys.argv[1], sys.argv[2:]
+    faults, args = sys.argv[1], sys.argv[2:]
+    for fault in faults.split(","):
+        inject(fault)
+    train.main(args)
+
+
+def inject(fault: str) -> None:
     kind, where = fault.split("@")
     rank, step, *extra = where.split(":")
 
@@ -93,7 +100,6 @@ def main() -> None:
         trainer.Trainer.save_checkpoint = save_checkpoint
     else:
         raise SystemExit(f"unknown fault {fault!r}")
-    train.main(args)
 
 
 if __name__ == "__main__":
