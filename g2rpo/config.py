@@ -124,7 +124,8 @@ class SamplingConfig:
     evaluations, a branch step's N completions run as one batch) or "reference" (the reference
     recipe's order: per generation, batch 1, nothing shared). Same outputs up to float rounding."""
     micro_batch: int = 0
-    """most samples per transformer call in the completions; 0 = the whole group at once."""
+    """most samples per transformer call in the completions (and, for the full-trajectory methods, in their
+    sampling); 0 = the whole group at once."""
 
     def __post_init__(self):
         if self.num_steps < 2:
@@ -136,10 +137,6 @@ class SamplingConfig:
                              f"advantage is 0")
         if not self.branch_steps:
             raise ValueError("branch_steps is empty: give at least one branching step, e.g. [0]")
-        bad = [k for k in self.branch_steps if not 0 <= k <= self.num_steps - 2]
-        if bad:
-            raise ValueError(f"branch_steps {bad}: each must be in 0..{self.num_steps - 2} (num_steps - 2) so that "
-                             f"a completion step remains after the branch")
         if len(set(self.branch_steps)) != len(self.branch_steps):
             raise ValueError(f"branch_steps {self.branch_steps}: contains duplicates")
         if not self.granularities or any(g < 1 for g in self.granularities):
@@ -202,12 +199,79 @@ class PPOConfig:
     """ε of the clipped ratio."""
     adv_clip_max: float = 5.0
     """advantages are clipped to ±adv_clip_max after the MGAI sum."""
+    update: str = "per_branch"
+    """g2rpo: per_branch (one optimiser step per branch step k, the released trainers) | accumulate (the K
+    losses / K accumulated into one optimiser step per training step, the other upstream version)."""
 
     def __post_init__(self):
         if self.clip_range <= 0:
             raise ValueError(f"ppo.clip_range={self.clip_range}: must be > 0")
         if self.adv_clip_max <= 0:
             raise ValueError(f"ppo.adv_clip_max={self.adv_clip_max}: must be > 0")
+        if self.update not in ("per_branch", "accumulate"):
+            raise ValueError(f"ppo.update={self.update!r}: expected per_branch or accumulate")
+
+
+METHODS = ("g2rpo", "dancegrpo", "flowgrpo", "mixgrpo", "densegrpo")
+
+
+@dataclass
+class TrajectoryConfig:
+    """The full-trajectory methods (dancegrpo, flowgrpo, mixgrpo, densegrpo): N whole trajectories per prompt."""
+
+    noise: str = "flow_grpo"
+    """noise level of a stochastic transition: flow_grpo (s = η·sqrt(σ/(1−σ)); Flow-GRPO, MixGRPO) | dance
+    (s = η, DanceGRPO's FLUX step) | psi (DenseGRPO's calibrated ψ(t), read from dense.psi_table)."""
+    same_start_noise: bool = True
+    """one start noise for the whole group (DanceGRPO's init_same_noise) instead of one per generation."""
+    ignore_last: bool = False
+    """the last transition is deterministic and never trained (DanceGRPO: its reward image is the last step's
+    x̂0, which is the Euler step to σ = 0)."""
+    timestep_fraction: float = 1.0
+    """each generation trains ⌊fraction · n⌋ of its n stochastic transitions, a random subset per sample
+    (DanceGRPO 0.6: 9 of 15); 1 = all, in order."""
+    samples_per_update: int = 0
+    """generations of this rank per optimiser step (DanceGRPO's gradient_accumulation_steps: 4 on 16 GPUs);
+    0 = all of the step's (one optimiser step per training step)."""
+    micro_batch: int = 1
+    """transitions per training forward (1 = the reference's batch-1 order; more is the same loss up to float
+    rounding, in fewer calls)."""
+
+    def __post_init__(self):
+        if self.noise not in ("flow_grpo", "dance", "psi"):
+            raise ValueError(f"trajectory.noise={self.noise!r}: expected flow_grpo, dance or psi")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"trajectory.timestep_fraction={self.timestep_fraction}: must be in (0, 1]")
+        if self.samples_per_update < 0 or self.micro_batch < 0:
+            raise ValueError(f"trajectory.samples_per_update={self.samples_per_update}, micro_batch="
+                             f"{self.micro_batch}: must be >= 0")
+
+
+@dataclass
+class WindowConfig:
+    """MixGRPO's sliding SDE window (ODE elsewhere; only the window is trained)."""
+
+    size: int = 4
+    """transitions in the window (MixGRPO: 4)."""
+    start: int = 0
+    """grid index of the first window transition at step 0."""
+    shift_every: int = 25
+    """training steps between moves of the window (MixGRPO: 25; MixGRPO-Flash: 20)."""
+    stride: int = 1
+    """transitions the window moves towards lower noise per shift (0 = a fixed window, MixGRPO-Flash*)."""
+
+    def __post_init__(self):
+        if self.size < 1 or self.start < 0 or self.shift_every < 1 or self.stride < 0:
+            raise ValueError(f"window: size={self.size} (>= 1), start={self.start} (>= 0), shift_every="
+                             f"{self.shift_every} (>= 1), stride={self.stride} (>= 0)")
+
+
+@dataclass
+class DenseConfig:
+    """DenseGRPO: step-wise rewards of the ODE completion of every x_i."""
+
+    psi_table: str = ""
+    """JSON ψ(t) table written by scripts/densegrpo/calibrate_psi.py (used when trajectory.noise is psi)."""
 
 
 @dataclass
@@ -286,8 +350,13 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    method: str = "g2rpo"
+    """g2rpo | dancegrpo | flowgrpo | mixgrpo | densegrpo (g2rpo.methods; README "Methods")."""
     models: ModelsConfig = field(default_factory=ModelsConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("hps")])
     optim: OptimConfig = field(default_factory=OptimConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -328,6 +397,7 @@ class TrainConfig:
     checkpoints); without it such a folder is refused unless resume=auto continues it."""
 
     def __post_init__(self):
+        self._check_method()
         if not self.rewards:
             raise ValueError("rewards is empty: name at least one reward (hps, clip_score)")
         names = [r.name for r in self.rewards]
@@ -349,9 +419,53 @@ class TrainConfig:
             raise ValueError(f"io_timeout_minutes={self.io_timeout_minutes}: must be > 0")
         if self.decode_batch_size < 1:
             raise ValueError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
+        if self.method != "g2rpo" and not self.trajectory.samples_per_update == 0:
+            per_rank = self.sampling.group_size * self.data.prompts_per_rank
+            if per_rank % self.trajectory.samples_per_update:
+                raise ValueError(f"trajectory.samples_per_update={self.trajectory.samples_per_update}: must divide "
+                                 f"the {per_rank} generations of a rank's step (sampling.group_size x "
+                                 f"data.prompts_per_rank)")
         if self.overwrite and self.resume:
             raise ValueError(f"overwrite=true with resume={self.resume!r}: choose one -- continue the run in "
                              f"output_dir (resume) or delete it and start afresh (overwrite)")
+
+
+def _default(cls, name):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _check_method_fields(cfg: "TrainConfig") -> None:
+    """The method exists, and no section or field set for another method is silently ignored."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"method={cfg.method!r}: expected one of {', '.join(METHODS)}")
+    unused = []
+    if cfg.method == "g2rpo":
+        unused += [name for name in ("trajectory", "window", "dense") if getattr(cfg, name) != _default(TrainConfig, name)]
+        s = cfg.sampling
+        bad = [k for k in s.branch_steps if not 0 <= k <= s.num_steps - 2]
+        if bad:
+            raise ValueError(f"sampling.branch_steps {bad}: each must be in 0..{s.num_steps - 2} (num_steps - 2) so "
+                             f"that a completion step remains after the branch")
+    else:
+        for name in ("branch_steps", "granularities"):
+            if getattr(cfg.sampling, name) != _default(SamplingConfig, name):
+                unused.append(f"sampling.{name}")
+        if cfg.ppo.update != "per_branch":
+            unused.append("ppo.update")
+        if cfg.method != "mixgrpo" and cfg.window != WindowConfig():
+            unused.append("window")
+        if cfg.method != "densegrpo" and cfg.dense != DenseConfig():
+            unused.append("dense")
+        if cfg.trajectory.noise == "psi" and not cfg.dense.psi_table:
+            raise ValueError("trajectory.noise=psi needs dense.psi_table (write one with "
+                             "scripts/densegrpo/calibrate_psi.py)")
+    if unused:
+        raise ValueError(f"method={cfg.method} does not use {', '.join(unused)}; remove it, or choose the method "
+                         f"that does (README \"Methods\")")
+
+
+TrainConfig._check_method = _check_method_fields
 
 
 # Config fields a resumed run may change: the new value takes effect from the resume step on and is
@@ -364,7 +478,7 @@ RESUME_MAY_CHANGE = (
     "optim.lr", "optim.max_grad_norm", "optim.lr_scheduler", "optim.warmup_steps",
     "engine.fsdp_sharding", "engine.activation_checkpointing", "engine.device", "engine.load_strategy",
     "engine.rollout_weights", "engine.compile_rollout",
-    "sampling.order", "sampling.micro_batch",
+    "sampling.order", "sampling.micro_batch", "trajectory.micro_batch",
     "data.index",  # the path; the content is compared on its own (g2rpo.checkpoint)
     "models.flux.path", "models.hps.base_dir", "models.hps.checkpoint", "models.clip_score.path", "models.pickscore.",
 )

@@ -118,6 +118,10 @@ class Engine:
 
     # ------------------------------------------------------------------ interface
 
+    accumulates_backward = True
+    """whether several ``backward`` calls may accumulate into one ``step`` (FSDP2: yes; DeepSpeed: no, its
+    micro-step bookkeeping expects one backward per step here)."""
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -442,6 +446,8 @@ class DeepSpeedEngine(Engine):
         if self.replica.version != self.version:
             self.replica.load(_zero3_full_params(self.module.module), self.version)
         return self.replica.module
+
+    accumulates_backward = False
 
     def backward(self, loss: torch.Tensor) -> None:
         self.module.backward(loss)

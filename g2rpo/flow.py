@@ -9,6 +9,7 @@ step functions work on any ``[B, ...]`` shape.
 | `shift_time`, `sigma_schedule` | §1 grid: ``σ_i = shift(1 - i/T)``, ``shift(t) = k·t / (1 + (k-1)·t)`` |
 | `quantize_timestep` | §1: ``t = floor(σ·1000)/1000`` as given to the transformer |
 | `sde_step` | §2: the flow-GRPO transition, its mean/std, sample and per-element-mean log-prob |
+| `noise_level` | the noise level ``s_i`` of a transition: Flow-GRPO's ``η·sqrt(σ/(1−σ))`` or DanceGRPO's constant ``η`` |
 | `granular_schedule`, `granular_indices` | §3.4: sub-grid ``σ_0..σ_{k+1}, σ_{k+2}, σ_{k+2+g}, …`` |
 | `pack_latents`, `unpack_latents`, `latent_image_ids` | FLUX's 2×2 patch packing and image position ids |
 """
@@ -53,21 +54,58 @@ def quantize_timestep(sigma: torch.Tensor | float) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def sde_step_stats(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index: int, eta: float):
+NOISE_SCHEDULES = ("flow_grpo", "dance")
+
+
+def per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d ``value`` as it is; a ``[B]`` one shaped ``[B, 1, ...]`` to broadcast over ``like``'s elements."""
+    return value if value.dim() == 0 else value.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def noise_level(sigmas: torch.Tensor, index, eta: float, schedule: str = "flow_grpo") -> torch.Tensor:
+    """``s_i``, the noise level of the transition ``i -> i+1`` (``index``: an int or ``[B]`` indices), float32.
+
+    * ``flow_grpo`` -- ``s = η·sqrt(σ/(1−σ̃))`` with ``σ̃ = σ_1`` where ``σ = 1`` (Flow-GRPO, G²RPO, MixGRPO);
+    * ``dance`` -- ``s = η``, a constant diffusion coefficient (DanceGRPO's FLUX step).
+    """
+    sigmas = sigmas.float()
+    sigma = sigmas[index]
+    if schedule == "dance":
+        return torch.full_like(sigma, eta)
+    if schedule != "flow_grpo":
+        raise ValueError(f"noise schedule {schedule!r}: expected one of {', '.join(NOISE_SCHEDULES)}")
+    # σ̃ = σ_1 at σ = 1 keeps σ / (1 - σ̃) finite at the very first step.
+    sigma_tilde = torch.where(sigma == 1, sigmas[1], sigma)
+    return eta * torch.sqrt(sigma / (1 - sigma_tilde))
+
+
+def _check_index(index, sigmas: torch.Tensor) -> None:
+    """An int index is checked; ``[B]`` indices come from our own samplers and are not (a check would be a
+    host sync)."""
+    last = len(sigmas) - 2
+    if not isinstance(index, torch.Tensor) and not 0 <= index <= last:
+        raise ValueError(f"index={index}: a step needs sigmas[index + 1]; valid indices are 0..{last}")
+
+
+def sde_step_stats(latents: torch.Tensor, velocity: torch.Tensor, sigmas: torch.Tensor, index, eta: float,
+                   level: torch.Tensor | float | None = None):
     """Mean and standard deviation of ``p(x_{i+1} | x_i)`` and the ``x̂0`` prediction, in float32.
 
-    Returns ``(mean, std, pred_x0)``; ``std`` is a 0-d tensor (the same for every element).
+    ``index`` is an int (one step for the whole batch) or ``[B]`` indices (each sample at its own step).
+    ``level`` overrides the noise level ``s`` (0-d or ``[B]``: DanceGRPO's constant η, DenseGRPO's ψ(t));
+    by default ``s = η·sqrt(σ/(1−σ̃))`` (`noise_level`). Returns ``(mean, std, pred_x0)``; ``std`` is
+    0-d (one step) or broadcastable ``[B, 1, ...]``.
     """
-    if not 0 <= index < len(sigmas) - 1:
-        raise ValueError(f"index={index}: a step needs sigmas[index + 1]; valid indices are 0..{len(sigmas) - 2}")
+    _check_index(index, sigmas)
     x = latents.float()
     v = velocity.float()
     sigmas = sigmas.float()
-    sigma, sigma_next = sigmas[index], sigmas[index + 1]
+    sigma, sigma_next = per_sample(sigmas[index], x), per_sample(sigmas[index + 1], x)
     dt = sigma_next - sigma  # < 0
-    # σ̃ = σ_1 at σ = 1 keeps σ / (1 - σ̃) finite at the very first step.
-    sigma_tilde = torch.where(sigma == 1, sigmas[1], sigma)
-    s = eta * torch.sqrt(sigma / (1 - sigma_tilde))
+    if level is None:
+        s = per_sample(noise_level(sigmas, index, eta), x)
+    else:
+        s = per_sample(torch.as_tensor(level, dtype=torch.float32, device=x.device), x)
     mean = x * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
     std = s * torch.sqrt(-dt)
     pred_x0 = x - sigma * v
@@ -80,24 +118,24 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return elementwise.flatten(1).mean(dim=1)
 
 
-def sde_step(velocity: torch.Tensor, latents: torch.Tensor, sigmas: torch.Tensor, index: int, eta: float,
+def sde_step(velocity: torch.Tensor, latents: torch.Tensor, sigmas: torch.Tensor, index, eta: float,
              prev_sample: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             noise: torch.Tensor | None = None):
+             noise: torch.Tensor | None = None, level: torch.Tensor | float | None = None):
     """One flow-GRPO transition from ``σ_index`` to ``σ_{index+1}`` (§2), computed in float32.
 
-    Returns ``(prev_sample, pred_x0, log_prob)``:
+    ``index`` and ``level`` as in `sde_step_stats`. Returns ``(prev_sample, pred_x0, log_prob)``:
     * ``prev_sample`` -- the given ``prev_sample`` (then it is only scored), else ``mean + std·ξ``
       with ``ξ = noise`` if given, else drawn from ``generator``;
     * ``pred_x0 = x - σ·v``;
     * ``log_prob`` -- ``[B]``, the per-element mean Gaussian log-density of ``prev_sample``; ``None``
-      when ``eta == 0``, where the step is the deterministic Euler ODE step ``x + v·dt``.
+      when ``eta == 0`` (and no ``level``), where the step is the deterministic Euler ODE step ``x + v·dt``.
     """
     if velocity.shape != latents.shape:
         raise ValueError(f"velocity {tuple(velocity.shape)} and latents {tuple(latents.shape)} must have the same shape")
     if eta < 0:
         raise ValueError(f"eta={eta}: must be >= 0")
-    mean, std, pred_x0 = sde_step_stats(latents, velocity, sigmas, index, eta)
-    if eta == 0:
+    mean, std, pred_x0 = sde_step_stats(latents, velocity, sigmas, index, eta, level)
+    if eta == 0 and level is None:
         return (mean if prev_sample is None else prev_sample.float()), pred_x0, None
     if prev_sample is None:
         if noise is None:
@@ -113,12 +151,13 @@ def ode_step(velocity: torch.Tensor, latents: torch.Tensor, sigmas: torch.Tensor
     """Euler step from ``σ_index`` to ``σ_next_index`` (default ``index + 1``); returns ``(x_next, pred_x0)``.
 
     With ``next_index = index + 1`` this equals ``sde_step(..., eta=0)``; a larger ``next_index``
-    is the coarse step of a granular completion.
+    is the coarse step of a granular completion. ``index``/``next_index`` may be ``[B]`` tensors (a step
+    per sample).
     """
     next_index = index + 1 if next_index is None else next_index
     x, v = latents.float(), velocity.float()
-    sigma = sigmas[index].float()
-    return x + (sigmas[next_index].float() - sigma) * v, x - sigma * v
+    sigma = per_sample(sigmas[index].float(), x)
+    return x + (per_sample(sigmas[next_index].float(), x) - sigma) * v, x - sigma * v
 
 
 # --------------------------------------------------------------------------------------------

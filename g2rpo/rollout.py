@@ -120,8 +120,11 @@ class VelocityField:
         return out.float()
 
     def __call__(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``sigma``: 0-d (every sample at one noise level) or ``[B]`` (each at its own)."""
         size = self.micro_batch or latents.shape[0]
-        return torch.cat([self._forward(chunk, sigma) for chunk in latents.split(size)])
+        if sigma.dim() == 0:
+            return torch.cat([self._forward(chunk, sigma) for chunk in latents.split(size)])
+        return torch.cat([self._forward(chunk, s) for chunk, s in zip(latents.split(size), sigma.split(size))])
 
 
 @dataclass

@@ -30,15 +30,26 @@ def parse_args(argv=None):
 
 
 def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
+    from g2rpo.methods import build_method
+
     s, world = cfg.sampling, nnodes * nproc_per_node
     groups = world * cfg.data.prompts_per_rank
-    k = len(s.branch_steps)
+    k = build_method(cfg).updates_per_step()
+    if cfg.method == "g2rpo":
+        sampling = f"K={s.branch_steps}, G={s.granularities}, update={cfg.ppo.update}"
+    else:
+        t = cfg.trajectory
+        sampling = (f"full trajectories, noise={t.noise}, timestep_fraction={t.timestep_fraction}, "
+                    f"ignore_last={str(t.ignore_last).lower()}")
+        if cfg.method == "mixgrpo":
+            sampling += f", SDE window {cfg.window.size} from {cfg.window.start}, +{cfg.window.stride} every " \
+                        f"{cfg.window.shift_every} steps"
     lines = [
         f"world: {nnodes} node(s) x {nproc_per_node} process(es) = {world} rank(s), engine {cfg.engine.kind}",
+        f"method: {cfg.method}",
         f"per step: {cfg.data.prompts_per_rank} prompt group(s) per rank, {groups} in all, "
         f"{s.group_size} generations each at {s.height}x{s.width}",
-        f"sampling: T={s.num_steps}, shift={s.shift}, eta={s.eta}, K={s.branch_steps}, G={s.granularities}, "
-        f"order={s.order}",
+        f"sampling: T={s.num_steps}, shift={s.shift}, eta={s.eta}, {sampling}, order={s.order}",
         f"rewards: {', '.join(f'{r.name} (weight {r.weight})' for r in cfg.rewards)}",
         f"steps: {cfg.max_steps}, optimiser updates: {cfg.max_steps * k} ({k} per step), lr {cfg.optim.lr}, "
         f"clip_range {cfg.ppo.clip_range}",

@@ -1,10 +1,11 @@
-"""The G2RPO training step and loop: rollout -> decode -> reward -> MGAI -> per-branch PPO updates.
+"""The training step and loop: rollout -> decode -> reward -> advantages -> clipped PPO updates.
 
-One `Trainer` serves every reward combination (HPS, HPS + CLIP, ...): rewards are config. Each step,
-every rank rolls out ``data.prompts_per_rank`` prompt groups (§3), decodes and scores every
-completion with every reward (§3.5), integrates the advantages (§4), then makes one optimiser
-update per branching step k (§5). Checkpoints are exported in diffusers format under
-``output_dir/checkpoint-<step>/transformer``.
+One `Trainer` serves every method (``method``: g2rpo, dancegrpo, flowgrpo, mixgrpo, densegrpo; see
+g2rpo.methods) and every reward combination (HPS, HPS + CLIP, ...): both are config. Each step, every rank
+rolls out ``data.prompts_per_rank`` prompt groups as the method samples them, decodes and scores the
+method's images with every reward, turns the rewards into per-transition advantages, then makes the
+method's optimiser updates (G²RPO: one per branching step k, §5). Checkpoints are exported in diffusers
+format under ``output_dir/checkpoint-<step>/transformer``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from g2rpo.advantages import mgai_advantages
 from g2rpo.config import TrainConfig, to_dict
 from g2rpo.data import EmbeddingDataset, GroupSchedule
 from g2rpo import checkpoint
@@ -29,23 +29,25 @@ from g2rpo.engine import build_engine
 from g2rpo.io import atomic_write_text
 from g2rpo.loss import ppo_clip_loss
 from g2rpo.memory import PhaseMeter
+from g2rpo.methods import build_method
 from g2rpo.metrics import MetricsLogger
 from g2rpo.models import decode_latents, load_vae, release_memory, transformer_dims
 from g2rpo.rewards import build_reward
-from g2rpo.rollout import PromptEmbedding, RolloutResult, ode_sample, policy_log_probs, singular_sde_rollout
+from g2rpo.rollout import PromptEmbedding, ode_sample
 from g2rpo.rundir import RunLock, append_history, clear_run, describe_run, run_files
 
 
 @dataclass
 class Group:
-    """One prompt group of this rank's step: its conditioning, rollout and rewards."""
+    """One prompt group of this rank's step: its conditioning, rollout and rewards (shapes: g2rpo.methods)."""
 
     caption: str
     embedding: PromptEmbedding
-    rollout: RolloutResult
-    rewards: torch.Tensor | None = None  # [R, G, N, K]
-    anchor_rewards: torch.Tensor | None = None  # [R]
-    anchor_image: torch.Tensor | None = None  # [3, H, W]
+    rollout: object  # RolloutResult (g2rpo) | TrajectoryResult
+    rewards: torch.Tensor | None = None  # g2rpo [R, G, N, K]; terminal [R, N]; dense [R, N, T+1]
+    anchor_rewards: torch.Tensor | None = None  # [R]: the group's deterministic sample, where the method has one
+    sample_image: torch.Tensor | None = None  # [3, H, W]: the image of the step's sample grid
+    trained: list[list[int]] | None = None  # full trajectories: per generation, the transitions it trains
 
 
 @dataclass
@@ -102,7 +104,8 @@ class Trainer:
         self.dataset, self.heldout = dataset.split(cfg.data.holdout)
         # One model at a time, each freed of its loading buffers before the next: the transformer is read
         # shard by shard into the engine, then the VAE, then each reward model.
-        self.engine = build_engine(cfg, info, cfg.max_steps * len(cfg.sampling.branch_steps), meter.mark)
+        self.method = build_method(cfg)
+        self.engine = build_engine(cfg, info, cfg.max_steps * self.method.updates_per_step(), meter.mark)
         self.vae = load_vae(cfg.models.flux.path, cfg.models.flux.dtype).to(device).eval().requires_grad_(False)
         self.rewards = {}
         for spec in cfg.rewards:
@@ -172,64 +175,76 @@ class Trainer:
                 embedding, caption = self.dataset[self.schedule.item(position)]
                 embedding = embedding.to(self.info.device)
                 generator = torch.Generator().manual_seed(group_seed(self.cfg.seed, position))
-                result = singular_sde_rollout(policy, embedding, self.cfg.sampling, generator, device=self.info.device)
-                groups.append(Group(caption, embedding, result))
+                result = self.method.rollout(policy, embedding, generator, step, self.info.device)
+                group = Group(caption, embedding, result)
+                if hasattr(self.method, "trained_transitions"):  # drawn after the rollout's noise, same generator
+                    group.trained = self.method.trained_transitions(result, generator)
+                groups.append(group)
         return groups
 
     def score(self, groups: list[Group]) -> None:
-        """Decode every completion and each anchor's final latent; score them with every reward."""
+        """Decode the method's images of every group (G²RPO: every completion and the anchor's final latent)
+        and score them with every reward."""
         s = self.cfg.sampling
         for group in groups:
-            r = group.rollout
-            n, k, g = r.completions.shape[:3]
-            latents = torch.cat([r.completions.reshape(n * k * g, *r.completions.shape[3:]), r.anchor_final[None]])
+            latents = self.method.score_latents(group.rollout)
             images = decode_latents(self.vae, latents, s.height, s.width, self.cfg.decode_batch_size)
             prompts = [group.caption] * len(images)
             scores = torch.stack([reward.score(images, prompts) for reward in self.rewards.values()]).cpu()
-            group.rewards = scores[:, :-1].reshape(-1, n, k, g).permute(0, 3, 1, 2)  # [R, G, N, K]
-            group.anchor_rewards = scores[:, -1]
-            group.anchor_image = images[-1].cpu()
+            self.method.assign_scores(group, scores, images)
 
-    def advantages(self, groups: list[Group]) -> torch.Tensor:
-        """``[groups·N, K]``: MGAI over every group of this rank (each group normalised on its own)."""
-        rewards = torch.cat([group.rewards for group in groups], dim=2)
-        return mgai_advantages(rewards, self.cfg.sampling.group_size, self.cfg.ppo.adv_clip_max, self.reward_weights)
+    def advantages(self, groups: list[Group]) -> list[torch.Tensor]:
+        """Per group, the advantage of every trained transition (G²RPO: MGAI, ``[N, K]``)."""
+        return self.method.advantages(groups, self.reward_weights)
 
-    def update(self, groups: list[Group], advantages: torch.Tensor) -> dict[str, float]:
-        """One optimiser update per branching step k, in order (§5).
+    def update(self, groups: list[Group], advantages: list[torch.Tensor]) -> dict[str, float]:
+        """The method's optimiser updates, in order (G²RPO: one per branching step k, §5).
 
-        A non-finite loss or gradient norm on any rank skips that update on every rank (no
-        parameter changes; the ranks agree through an all-reduce before backward / before stepping).
+        Each update sums the weighted clipped losses of its chunks (one training forward each): in one
+        backward, or -- for the full-trajectory methods on an engine that accumulates gradients (FSDP) -- one
+        backward per chunk, so that only one forward's activations are alive. A non-finite loss or gradient
+        norm on any rank skips that update on every rank (no parameter changes; the ranks agree through an
+        all-reduce before stepping).
         """
-        n = self.cfg.sampling.group_size
         losses, clip_fracs, kls, norms, skipped = [], [], [], [], 0
-        for ki in range(len(self.cfg.sampling.branch_steps)):
-            group_losses, group_stats = [], []
-            for gi, group in enumerate(groups):
+        per_chunk = self.cfg.method != "g2rpo" and self.engine.accumulates_backward
+        for ui, unit in enumerate(self.method.units(groups, advantages)):
+            total, stats, finite = torch.zeros(()), [], True
+            for chunk in unit:
                 with self.engine.autocast():
-                    new = policy_log_probs(self.engine.module, group.embedding, group.rollout, ki, self.cfg.sampling)
-                loss, stats = ppo_clip_loss(new, group.rollout.old_log_probs[:, ki], advantages[gi * n:(gi + 1) * n, ki],
-                                            self.cfg.ppo.clip_range)
-                group_losses.append(loss)
-                group_stats.append(stats)
-            loss = torch.stack(group_losses).mean()
-            if any_rank(not torch.isfinite(loss).item()):
-                self._skip("loss", ki)
+                    new = chunk.log_probs(self.engine.module)
+                loss, chunk_stats = ppo_clip_loss(new, chunk.old_log_probs, chunk.advantages, self.cfg.ppo.clip_range)
+                stats.append(chunk_stats)
+                if per_chunk:
+                    if any_rank(not torch.isfinite(loss).item()):
+                        finite = False
+                        continue
+                    self.engine.backward(loss * chunk.weight)
+                    total = total + loss.detach().cpu() * chunk.weight
+                else:
+                    total = total.to(loss.device) + loss * chunk.weight
+            if not per_chunk:
+                finite = not any_rank(not torch.isfinite(total).item())
+            if not finite:
+                if per_chunk:
+                    self.engine.skip_step()
+                self._skip("loss", ui)
                 skipped += 1
                 continue
-            self.engine.backward(loss)
+            if not per_chunk:
+                self.engine.backward(total)
             norm = self.engine.clip_grad_norm()
             if not torch.isfinite(norm).item():
                 self.engine.skip_step()
-                self._skip("gradient norm", ki)
+                self._skip("gradient norm", ui)
                 skipped += 1
                 continue
             ds_norm = self.engine.step()
             self.state.consecutive_skips = 0
             norms.append(ds_norm if ds_norm is not None else norm)
-            losses.append(loss.detach())
-            clip_fracs.append(torch.stack([s["clip_frac"] for s in group_stats]).mean())
-            kls.append(torch.stack([s["approx_kl"] for s in group_stats]).mean())
+            losses.append(total.detach().cpu())
+            clip_fracs.append(torch.stack([s["clip_frac"] for s in stats]).mean().cpu())
+            kls.append(torch.stack([s["approx_kl"] for s in stats]).mean().cpu())
 
         def mean(values):
             return torch.stack(values).mean().cpu() if values else torch.tensor(float("nan"))
@@ -243,12 +258,13 @@ class Trainer:
             "skipped_updates": skipped,
         }
 
-    def _skip(self, what: str, branch_index: int | None, updates: int = 1) -> None:
+    def _skip(self, what: str, branch_index: int | None, updates: int = 1) -> None:  # branch_index: the update
         """Record a skip (one update, or a whole step's ``updates`` for a bad reward); stop after too many in a row."""
         self.state.skipped += updates
         self.state.consecutive_skips += 1
-        where = f"update k={self.cfg.sampling.branch_steps[branch_index]}" if branch_index is not None \
-            else f"all {updates} updates of the step"
+        where = f"all {updates} updates of the step" if branch_index is None else (
+            f"update k={self.cfg.sampling.branch_steps[branch_index]}" if self.method.name == "g2rpo"
+            and self.cfg.ppo.update == "per_branch" else f"update {branch_index + 1} of the step")
         print0(f"warning: non-finite {what} on some rank at step {self.state.step}: skipped {where} on every rank "
                f"({self.state.consecutive_skips} skip(s) in a row, {self.state.skipped} skipped update(s) in all)")
         if self.state.consecutive_skips > self.cfg.max_consecutive_skips:
@@ -268,23 +284,29 @@ class Trainer:
         t2 = time.perf_counter()
         if stop_requested is not None and stop_requested():
             return None
-        finite = all(torch.isfinite(g.rewards).all() and torch.isfinite(g.anchor_rewards).all() for g in groups)
+        finite = all(torch.isfinite(g.rewards).all() and (g.anchor_rewards is None or torch.isfinite(g.anchor_rewards).all())
+                     for g in groups)
         if any_rank(not finite):
-            self._skip("reward", None, updates=len(self.cfg.sampling.branch_steps))
+            updates = self.method.updates_per_step()
+            self._skip("reward", None, updates=updates)
             for g in groups:  # keep the logged means finite
-                g.rewards, g.anchor_rewards = g.rewards.nan_to_num(0.0), g.anchor_rewards.nan_to_num(0.0)
-            metrics = {"loss": float("nan"), "skipped_updates": len(self.cfg.sampling.branch_steps)}
+                g.rewards = g.rewards.nan_to_num(0.0)
+                g.anchor_rewards = None if g.anchor_rewards is None else g.anchor_rewards.nan_to_num(0.0)
+            metrics = {"loss": float("nan"), "skipped_updates": updates}
         else:
             metrics = self.update(groups, self.advantages(groups))
         t3 = time.perf_counter()
-        for ri, name in enumerate(self.rewards):
-            metrics[f"reward/{name}"] = all_reduce(torch.stack([g.rewards[ri].mean() for g in groups]).mean()).item()
-            metrics[f"eval_reward/{name}"] = all_reduce(torch.stack([g.anchor_rewards[ri] for g in groups]).mean()).item()
+        anchored = all(g.anchor_rewards is not None for g in groups)
+        for ri, name in enumerate(self.rewards):  # reward/: G²RPO's completions, or the trajectories' final images
+            metrics[f"reward/{name}"] = all_reduce(torch.stack([self.method.logged_rewards(g)[ri].mean()
+                                                                for g in groups]).mean()).item()
+            if anchored:
+                metrics[f"eval_reward/{name}"] = all_reduce(torch.stack([g.anchor_rewards[ri] for g in groups]).mean()).item()
         metrics.update(time_rollout=t1 - t0, time_reward=t2 - t1, time_update=t3 - t2, step_time=t3 - t0,
                        rollout_calls=sum(g.rollout.num_calls for g in groups),
                        sample_forwards=sum(g.rollout.num_sample_forwards for g in groups))
         if self.cfg.sample_every and step % self.cfg.sample_every == 0:
-            self.logger.save_grid(step, torch.stack([g.anchor_image for g in groups]))
+            self.logger.save_grid(step, torch.stack([g.sample_image for g in groups]))
         return metrics
 
     @torch.no_grad()

@@ -68,7 +68,8 @@ def test_train_step_benchmark_smoke_run(tiny_models, tiny_embeddings, tmp_path):
         cost = expected_cost(dataclasses.replace(smoke, order=order))
         assert [int(rows[name][0]), int(rows[name][1])] == [cost["calls"], cost["sample_forwards"]]
         assert float(rows[name][-1]) < 1e-5  # max |Δ completions| against the reference order
-    assert rows["shared"][4] == "-" and float(rows["reference"][4]) > 0 and float(rows["shared+gathered"][4]) > 0
+    assert rows["shared"][4] == "-" and float(rows["reference"][4]) > 0
+    assert rows["reference"][4] == rows["shared+gathered"][4]  # the official update is ours: timed once
 
 
 def test_memory_scaling_recovers_per_block_costs():

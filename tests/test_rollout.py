@@ -192,7 +192,6 @@ def test_rollout_validates_embeddings(transformer, embedding):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("branch_steps", [0, 15], r"branch_steps \[15\]"),
     ("branch_steps", [], "branch_steps is empty"),
     ("granularities", [1, 0], "granularities"),
     ("group_size", 1, "group_size=1"),

@@ -18,13 +18,12 @@ one prompt group per rank:
 * ``shared+gathered+compiled`` (with ``--compile``): the same, torch.compiled (``engine.compile_rollout``);
   its first rollout compiles and is not reported.
 
-Then decode + score every completion (per image for ``reference``, batched otherwise), and time
-the policy update twice: the reference's way (per branch step, one forward/backward per
-generation at batch 1, then the optimiser step) on the ``reference`` row, and ours (one forward at
-``(a_k, σ_k)`` for the whole group; equal gradients, tests/test_rollout.py) on the last row. Prints
-a markdown table on rank 0: transformer calls and sample-forwards per group, wall time per phase
-(slowest rank), max |Δ completions| against the reference, and the ratios. Needs the tiny
-embeddings (``bash scripts/run_tiny.sh`` writes them).
+Then decode + score every completion (per image for ``reference``, batched otherwise), and time the
+policy update once: the official update already makes ONE batch-1 forward at ``(a_k, σ_k)`` per branch
+step, shared by the group (its velocity repeated N times), then one optimiser step -- which is exactly
+ours, so both rows carry the same update time. Prints a markdown table on rank 0: transformer calls and
+sample-forwards per group, wall time per phase (slowest rank), max |Δ completions| against the reference,
+and the ratios. Needs the tiny embeddings (``bash scripts/run_tiny.sh`` writes them).
 """
 
 import argparse
@@ -73,27 +72,6 @@ def timed(fn, device):
     return out, slowest(time.perf_counter() - start)
 
 
-def reference_update(trainer, groups, advantages) -> None:
-    """The reference's update: per branch step, a batch-1 forward/backward per generation, then one step."""
-    from g2rpo.loss import ppo_clip_loss
-    from g2rpo.rollout import policy_log_probs
-
-    cfg, engine = trainer.cfg, trainer.engine
-    n = cfg.sampling.group_size
-    for ki in range(len(cfg.sampling.branch_steps)):
-        for gi, group in enumerate(groups):
-            r = group.rollout
-            for j in range(n):
-                one = dataclasses.replace(r, next_latents=r.next_latents[j:j + 1])
-                with engine.autocast():
-                    new = policy_log_probs(engine.module, group.embedding, one, ki, cfg.sampling)
-                loss, _ = ppo_clip_loss(new, r.old_log_probs[j:j + 1, ki], advantages[gi * n + j:gi * n + j + 1, ki],
-                                        cfg.ppo.clip_range)
-                engine.backward(loss / (n * len(groups)))
-        engine.clip_grad_norm()
-        engine.step()
-
-
 def main():
     from g2rpo.config import TrainConfig, load_config
     from g2rpo.distributed import all_reduce, init_distributed, print0, teardown
@@ -137,11 +115,10 @@ def main():
     trainer.cfg.sampling = cfg.sampling
     trainer.cfg.decode_batch_size = cfg.decode_batch_size
     ours = list(results)[-1]
-    reference = results["reference"]
-    ref_advantages, our_advantages = trainer.advantages(reference), trainer.advantages(results[ours])
+    our_advantages = trainer.advantages(results[ours])
     trainer.update(results[ours], our_advantages)  # warm-up: optimiser state, backward hooks
-    _, rows["reference"]["update_s"] = timed(lambda: reference_update(trainer, reference, ref_advantages), info.device)
-    _, rows[ours]["update_s"] = timed(lambda: trainer.update(results[ours], our_advantages), info.device)
+    _, update = timed(lambda: trainer.update(results[ours], our_advantages), info.device)
+    rows["reference"]["update_s"] = rows[ours]["update_s"] = update  # the official update is this one
     for name, groups in results.items():
         diff = (groups[0].rollout.completions - results["reference"][0].rollout.completions).abs().max()
         rows[name]["max|Δ|"] = all_reduce(diff, "max").item()
@@ -160,9 +137,9 @@ def main():
     print0("\nreference / variant: " + "; ".join(
         f"{name}: rollout {ref['rollout_s'] / row['rollout_s']:.2f}x, decode+reward "
         f"{ref['decode+reward_s'] / row['decode+reward_s']:.2f}x" for name, row in rows.items() if name != "reference"))
-    update = rows[ours]["update_s"]  # our update is the same code whichever way the rollout ran
     step = {name: row["rollout_s"] + row["decode+reward_s"] + row.get("update_s", update) for name, row in rows.items()}
-    print0(f"update: {ref['update_s'] / update:.2f}x; whole step (rollout + decode+reward + update): reference "
+    print0(f"update: the same in both (one forward per branch step for the group); whole step (rollout + "
+           f"decode+reward + update): reference "
            f"{step['reference']:.3f} s; " + "; ".join(f"{name} {t:.3f} s ({step['reference'] / t:.2f}x)"
                                                      for name, t in step.items() if name != "reference"))
     teardown(0)

@@ -1,0 +1,332 @@
+"""The method family (g2rpo.methods, g2rpo.trajectory): each method's math against an independent
+computation or a closed form, the batched orders against the naive ones, and every tiny config training
+through the one Trainer."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import ROOT, model_overrides
+from g2rpo.advantages import (calibrate_psi, dense_advantages, dense_gains, group_normalize, mgai_advantages,
+                              terminal_advantages)
+from g2rpo.config import SamplingConfig, TrainConfig, load_config
+from g2rpo.flow import noise_level, sde_step, sde_step_stats, sigma_schedule
+from g2rpo.methods import TrajectoryMethod, window_transitions
+from g2rpo.models import load_transformer
+from g2rpo.rollout import PromptEmbedding, ode_sample
+from g2rpo.trajectory import expected_trajectory_cost, sde_trajectories
+
+METHOD_CONFIGS = ["tiny.yaml", "tiny_dancegrpo.yaml", "tiny_flowgrpo.yaml", "tiny_mixgrpo.yaml",
+                  "tiny_densegrpo.yaml"]
+SMALL = SamplingConfig(num_steps=5, group_size=3, height=32, width=32, eta=0.7)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return load_transformer(tiny_models.flux.path, subfolder="transformer").eval()
+
+
+@pytest.fixture(scope="module")
+def embedding(model):
+    g = torch.Generator().manual_seed(0)
+    return PromptEmbedding(torch.randn(8, model.config.joint_attention_dim, generator=g),
+                           torch.randn(model.config.pooled_projection_dim, generator=g), torch.zeros(8, 3))
+
+
+# ------------------------------------------------------------------------------------ transition math
+
+
+def test_noise_levels_and_per_sample_steps():
+    sigmas = sigma_schedule(6, 3.0)
+    flow = noise_level(sigmas, torch.arange(6), 0.7)
+    for i in range(6):
+        sigma = sigmas[i] if sigmas[i] < 1 else sigmas[1]
+        assert flow[i].item() == pytest.approx(0.7 * math.sqrt(sigmas[i] / (1 - sigma)), rel=1e-6)
+    assert torch.equal(noise_level(sigmas, torch.arange(6), 0.3, "dance"), torch.full((6,), 0.3))
+    # DanceGRPO's step written out: mean = x + dt·v + η²/(2σ)·(x + (1−σ)v)·dt, std = η·sqrt(−dt)
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    mean, std, _ = sde_step_stats(x, v, sigmas, 2, 0.0, level=0.3)
+    s, dt = sigmas[2], sigmas[3] - sigmas[2]
+    torch.testing.assert_close(mean, x + dt * v + 0.3**2 / (2 * s) * (x + (1 - s) * v) * dt)
+    assert std.item() == pytest.approx(0.3 * math.sqrt(-dt), rel=1e-6)
+    # each sample at its own step, in one call == one call per sample
+    index = torch.tensor([0, 3])
+    nxt = torch.randn(2, 4, 3, generator=g)
+    batched = sde_step(v, x, sigmas, index, 0.0, prev_sample=nxt, level=flow[index])[2]
+    single = torch.stack([sde_step(v[j:j + 1], x[j:j + 1], sigmas, int(index[j]), 0.7, prev_sample=nxt[j:j + 1])[2][0]
+                          for j in range(2)])
+    torch.testing.assert_close(batched, single, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ advantages
+
+
+def test_terminal_advantages_are_the_group_normalised_weighted_sum():
+    g = torch.Generator().manual_seed(2)
+    rewards = torch.randn(2, 8, generator=g)
+    weights = torch.tensor([1.0, 0.5])
+    expected = sum(w * group_normalize(r, 4, dim=0) for w, r in zip(weights, rewards)).clamp(-5, 5)
+    torch.testing.assert_close(terminal_advantages(rewards, 4, 5.0, weights), expected)
+
+
+def test_dense_gains_telescope_and_normalise_per_transition():
+    g = torch.Generator().manual_seed(3)
+    step_rewards = torch.randn(1, 6, 5, generator=g)  # [R, N, T+1]
+    gains = dense_gains(step_rewards)
+    torch.testing.assert_close(gains.sum(-1), step_rewards[..., -1] - step_rewards[..., 0])
+    adv = dense_advantages(step_rewards, 3, None)
+    for i in range(4):
+        for grp in (slice(0, 3), slice(3, 6)):
+            column = gains[0, grp, i]
+            torch.testing.assert_close(adv[grp, i], (column - column.mean()) / (column.std() + 1e-8))
+
+
+def test_under_singular_sampling_the_dense_advantage_is_the_plain_one():
+    """A G²RPO branch: every generation leaves the same anchor a_k, whose ODE completion is the anchor's own
+    image (one reward for the whole group); the dense gain R(x̂0 of x_{k+1}) − R(anchor) normalises to the
+    plain per-step advantage."""
+    g = torch.Generator().manual_seed(4)
+    branch = torch.randn(2, 8, generator=g)  # [R, N]: rewards of the N completions of x_{k+1}
+    anchor = torch.randn(2, 1, generator=g).expand(-1, 8)  # the shared anchor's reward
+    dense = dense_advantages(torch.stack([anchor, branch], dim=-1), 8, 5.0)[:, 0]
+    plain = mgai_advantages(branch[:, None, :, None], 8, 5.0)[:, 0]
+    torch.testing.assert_close(dense, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_psi_calibration_round_moves_each_level_by_eps2():
+    psi = torch.tensor([0.5, 0.5, 0.5, 0.005])
+    gains = torch.tensor([[1.0, 1.0, 1.0, 1.0], [-1.0, 1.0, 2.0, 1.0], [1.0, -1.0, 3.0, -1.0],
+                          [-1.0, 1.0, 4.0, 0.0]])  # balance |#pos − #neg| per t: 0, 2, 4, 1
+    new = calibrate_psi(psi, gains, eps1=2, eps2=0.01)
+    torch.testing.assert_close(new, torch.tensor([0.51, 0.49, 0.49, 0.015]))
+    assert calibrate_psi(torch.tensor([0.005]), torch.ones(4, 1), 2, 0.01)[0] == 0.0  # floored at 0
+    pooled = calibrate_psi(psi, torch.cat([gains, gains]), eps1=2, eps2=0.01, groups=2)  # ε₁ scales with groups
+    torch.testing.assert_close(pooled, new)
+
+
+# ------------------------------------------------------------------------------------ what is trained
+
+
+def test_mixgrpo_window_moves_on_schedule_and_rolls_back():
+    windows = [window_transitions(step, 8, size=3, start=1, shift_every=2, stride=1) for step in range(12)]
+    assert windows[:8] == [[1, 2, 3]] * 2 + [[2, 3, 4]] * 2 + [[3, 4, 5]] * 2 + [[4, 5]] * 2
+    assert windows[8:] == [[5]] * 2 + [[0, 1, 2]] * 2  # w = 6 = T − 2 would be empty: back to 0
+    assert window_transitions(99, 25, 4, 0, 20, 0) == [0, 1, 2, 3]  # stride 0: MixGRPO-Flash*'s fixed window
+
+
+def test_timestep_subsets_have_the_fraction_and_differ_per_sample(tiny_models, tmp_path):
+    cfg = _cfg("tiny_dancegrpo.yaml", tiny_models, tmp_path, "sampling.num_steps=16", "sampling.group_size=12")
+    method = TrajectoryMethod(cfg)
+    levels = method.levels(0)
+    assert levels[-1] == 0 and (levels[:-1] > 0).all()  # ignore_last: the last step is deterministic
+
+    class Rollout:
+        stochastic = [i for i in range(16) if levels[i] > 0]
+
+    subsets = method.trained_transitions(Rollout, torch.Generator().manual_seed(0))
+    assert all(len(s) == 9 and len(set(s)) == 9 and set(s) <= set(range(15)) for s in subsets)  # ⌊0.6·15⌋
+    assert len({tuple(sorted(s)) for s in subsets}) > 1
+
+
+def test_method_fields_are_checked(tiny_models, tmp_path):
+    with pytest.raises(ValueError, match="method='ppo': expected one of g2rpo"):
+        _cfg("tiny.yaml", tiny_models, tmp_path, "method=ppo")
+    with pytest.raises(ValueError, match="method=g2rpo does not use window"):
+        _cfg("tiny.yaml", tiny_models, tmp_path, "window.size=2")
+    with pytest.raises(ValueError, match=r"method=dancegrpo does not use sampling.granularities"):
+        _cfg("tiny_dancegrpo.yaml", tiny_models, tmp_path, "sampling.granularities=[1,2,3]")
+    with pytest.raises(ValueError, match=r"sampling.branch_steps \[15\]"):
+        _cfg("tiny.yaml", tiny_models, tmp_path, "sampling.branch_steps=[0,15]")
+    with pytest.raises(ValueError, match="samples_per_update=3: must divide the 8 generations"):
+        _cfg("tiny_dancegrpo.yaml", tiny_models, tmp_path, "trajectory.samples_per_update=3")
+
+
+# ------------------------------------------------------------------------------------ trajectories
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_batched_dense_completions_equal_the_naive_order_and_count(model, embedding, same):
+    levels = noise_level(sigma_schedule(5, 3.0), torch.arange(5), 0.7)
+    levels[-1] = 0
+    results = {order: sde_trajectories(model, embedding, SMALL, levels, torch.Generator().manual_seed(5), same,
+                                       dense=True, order=order) for order in ("shared", "reference")}
+    shared, reference = results["shared"], results["reference"]
+    assert torch.equal(shared.latents, reference.latents)
+    torch.testing.assert_close(shared.completions, reference.completions, atol=1e-5, rtol=0)
+    assert torch.equal(shared.completions[:, -1], shared.latents[:, -1])
+    for order, result in results.items():
+        cost = expected_trajectory_cost(SMALL, dense=True, same_start_noise=same, order=order)
+        assert (result.num_calls, result.num_sample_forwards) == (cost["calls"], cost["sample_forwards"]), order
+    # the completion of the shared start noise is the group's deterministic sample
+    if same:
+        torch.testing.assert_close(shared.completions[0, 0], ode_sample(model, embedding, SMALL,
+                                                                        torch.Generator().manual_seed(5)), atol=1e-5, rtol=0)
+
+
+def test_trajectory_log_probs_and_deterministic_steps(model, embedding):
+    levels = torch.tensor([0.0, 0.5, 0.5, 0.0, 0.0])  # a MixGRPO-like window over transitions 1 and 2
+    r = sde_trajectories(model, embedding, SMALL, levels, torch.Generator().manual_seed(6), same_start_noise=False)
+    assert r.stochastic == [1, 2] and torch.isnan(r.old_log_probs[:, [0, 3, 4]]).all()
+    assert not torch.equal(r.latents[0, 0], r.latents[1, 0])  # one start noise per generation
+    sigmas = r.sigmas
+    for i in range(5):
+        with torch.no_grad():
+            v = _velocity(model, embedding, r.latents[:, i], sigmas[i])
+        if i in (1, 2):
+            _, _, log_prob = sde_step(v, r.latents[:, i], sigmas, i, 0.0, prev_sample=r.latents[:, i + 1], level=0.5)
+            torch.testing.assert_close(r.old_log_probs[:, i], log_prob, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(r.latents[:, i + 1], r.latents[:, i] + (sigmas[i + 1] - sigmas[i]) * v,
+                                       atol=1e-5, rtol=1e-5)
+    cost = expected_trajectory_cost(SMALL, dense=False)
+    assert (r.num_calls, r.num_sample_forwards) == (cost["calls"], cost["sample_forwards"]) == (5, 15)
+
+
+def _velocity(model, embedding, x, sigma):
+    from g2rpo.rollout import VelocityField
+
+    return VelocityField.for_sampling(model, embedding, SMALL, x.device)(x, sigma)
+
+
+# ------------------------------------------------------------------------------------ through the Trainer
+
+
+def _cfg(name, tiny_models, tmp_path, *overrides):
+    index = ROOT / "data" / "tiny_embeddings" / "index.jsonl"  # replaced by the fixture's where it is used
+    return load_config(TrainConfig, ROOT / "configs" / name, [*model_overrides(tiny_models), f"data.index={index}",
+                                                              f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def _trainer(name, tiny_models, tiny_embeddings, tmp_path, *overrides):
+    from g2rpo.distributed import DistInfo
+    from g2rpo.trainer import Trainer
+
+    cfg = _cfg(name, tiny_models, tmp_path, f"data.index={tiny_embeddings / 'index.jsonl'}", "sample_every=0",
+               "eval_every=0", "data.holdout=0", "checkpoint_start=1000", *overrides)
+    return Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("name", METHOD_CONFIGS[1:])
+def test_each_method_trains_through_the_trainer(name, tiny_models, tiny_embeddings, tmp_path):
+    """One step of every full-trajectory tiny config: finite values, the closed-form rollout cost, as many
+    optimiser steps as the method makes, and a trained copy that differs from the base."""
+    trainer = _trainer(name, tiny_models, tiny_embeddings, tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}
+    metrics = trainer.train_step(0)
+    assert metrics["skipped_updates"] == 0 and all(math.isfinite(v) for v in metrics.values()), metrics
+    cfg = trainer.cfg
+    cost = expected_trajectory_cost(cfg.sampling, dense=cfg.method == "densegrpo",
+                                    same_start_noise=cfg.trajectory.same_start_noise)
+    assert metrics["sample_forwards"] == cost["sample_forwards"] and metrics["rollout_calls"] == cost["calls"]
+    assert trainer.engine.scheduler.last_epoch == trainer.method.updates_per_step()
+    changed = [n for n, p in trainer.engine.module.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed
+
+
+def test_batched_training_forwards_equal_the_batch_1_order(tiny_models, tiny_embeddings, tmp_path):
+    """trajectory.micro_batch: the reference's batch-1 forwards (one backward each) and one forward per
+    prompt give the same loss and gradient of an update up to float rounding."""
+    from g2rpo.loss import ppo_clip_loss
+
+    results = []
+    for size in (1, 0):
+        trainer = _trainer("tiny_dancegrpo.yaml", tiny_models, tiny_embeddings, tmp_path / str(size),
+                           f"trajectory.micro_batch={size}")
+        groups = trainer.rollout(0)
+        trainer.score(groups)
+        unit = trainer.method.units(groups, trainer.advantages(groups))[0]
+        assert len(unit) == (4 * 4 if size == 1 else 1)  # 4 generations x ⌊0.6·7⌋ transitions
+        total = 0.0
+        for chunk in unit:
+            loss = ppo_clip_loss(chunk.log_probs(trainer.engine.module), chunk.old_log_probs, chunk.advantages,
+                                 trainer.cfg.ppo.clip_range)[0] * chunk.weight
+            loss.backward()
+            total += loss.item()
+        grads = {n: p.grad.full_tensor().clone() for n, p in trainer.engine.module.named_parameters()}
+        results.append((total, grads))
+    (loss_1, grads_1), (loss_0, grads_0) = results
+    assert loss_1 == pytest.approx(loss_0, rel=1e-5, abs=1e-8)
+    scale = max(g.abs().max() for g in grads_0.values())
+    for name in grads_1:
+        torch.testing.assert_close(grads_1[name], grads_0[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+def test_g2rpo_accumulate_is_the_mean_of_the_per_branch_losses(tiny_models, tiny_embeddings, tmp_path):
+    """ppo.update=accumulate: one optimiser step whose loss is the mean of the K per-branch losses of the same
+    rollout at the same weights (per_branch steps between them, so only its first loss is comparable)."""
+    per_branch = _trainer("tiny.yaml", tiny_models, tiny_embeddings, tmp_path / "a")
+    accumulate = _trainer("tiny.yaml", tiny_models, tiny_embeddings, tmp_path / "b", "ppo.update=accumulate")
+    groups = accumulate.rollout(0)
+    accumulate.score(groups)
+    units = accumulate.method.units(groups, accumulate.advantages(groups))
+    assert len(units) == 1 and len(units[0]) == len(accumulate.cfg.sampling.branch_steps)
+    from g2rpo.loss import ppo_clip_loss
+
+    def losses(trainer, chunks):
+        return [ppo_clip_loss(c.log_probs(trainer.engine.module), c.old_log_probs, c.advantages,
+                              trainer.cfg.ppo.clip_range)[0] * c.weight for c in chunks]
+
+    k = len(units[0])
+    separate = per_branch.method.units(groups, accumulate.advantages(groups))
+    assert len(separate) == k
+    total = sum(losses(accumulate, units[0]))
+    torch.testing.assert_close(total, sum(sum(losses(per_branch, u)) for u in separate) / k, atol=1e-7, rtol=1e-5)
+    metrics = accumulate.update(groups, accumulate.advantages(groups))
+    assert accumulate.engine.scheduler.last_epoch == 1 and math.isfinite(metrics["loss"])
+
+
+def test_psi_calibration_script_applies_the_rule_and_training_reads_its_table(tiny_models, tiny_embeddings, tmp_path):
+    """scripts/densegrpo/calibrate_psi.py in process (one rank, 2 rounds): every stochastic ψ(t) moves by ±ε₂ as
+    its recorded sign balance says; the deterministic last step stays 0; a psi config trains on the table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibrate_psi", ROOT / "scripts/densegrpo/calibrate_psi.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    table = script.calibrate(["--config", str(ROOT / "configs/tiny_densegrpo.yaml"), "--out", str(tmp_path / "psi"),
+                              "--rounds", "2", "--eps1", "3", "--eps2", "0.05", *model_overrides(tiny_models),
+                              f"data.index={tiny_embeddings / 'index.jsonl'}", "data.holdout=0", "eval_every=0", "sample_every=0"])
+    previous = table["initial"]
+    assert previous[-1] == 0 and all(v > 0 for v in previous[:-1])
+    for record in table["rounds"]:
+        for t, (old, new, count) in enumerate(zip(previous, record["psi"], record["balance"])):
+            if t == len(previous) - 1:
+                assert new == 0
+            else:
+                assert new == pytest.approx(max(old + (0.05 if count < 3 * record["groups"] else -0.05), 0), abs=1e-6)
+        previous = record["psi"]
+    assert (tmp_path / "psi" / "psi.png").stat().st_size > 0
+    trainer = _trainer("tiny_densegrpo.yaml", tiny_models, tiny_embeddings, tmp_path / "train", "trajectory.noise=psi",
+                       f"dense.psi_table={tmp_path / 'psi' / 'psi.json'}")
+    assert trainer.method.levels(0).tolist() == pytest.approx(table["psi"])
+    assert math.isfinite(trainer.train_step(0)["loss"])
+
+
+@pytest.mark.parametrize("name", ["tiny_dancegrpo.yaml", "tiny_densegrpo.yaml"])
+def test_two_fsdp_ranks_train_a_trajectory_method_as_one_process_does(name, tiny_models, tiny_embeddings, tmp_path):
+    """Two FSDP ranks with one prompt group each (one backward per training forward, gradients reduced across
+    ranks) == one process with both groups (same seeds, same data, same random timestep subsets). One
+    optimiser step per training step, so that both make the same updates."""
+    import json
+    import subprocess
+
+    from conftest import ENV, TORCHRUN
+
+    common = [*model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}", "max_steps=2",
+              "sample_every=0", "eval_every=0", "data.holdout=0", "checkpoint_start=1000", "save_dtype=float32",
+              "trajectory.samples_per_update=0"]
+    cmd = [*TORCHRUN, "-m", "g2rpo.train", "--config", str(ROOT / "configs" / name), *common,
+           f"output_dir={tmp_path / 'two'}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    trainer = _trainer(name, tiny_models, tiny_embeddings, tmp_path / "one", "max_steps=2", "data.prompts_per_rank=2",
+                       "save_dtype=float32", "trajectory.samples_per_update=0")
+    trainer.fit()
+    two, one = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                for run in (tmp_path / "two", tmp_path / "one" / "run"))
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("loss", "reward/hps", "reward/clip_score"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
