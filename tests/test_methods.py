@@ -304,15 +304,17 @@ def test_psi_calibration_script_applies_the_rule_and_training_reads_its_table(ti
     assert math.isfinite(trainer.train_step(0)["loss"])
 
 
-@pytest.mark.parametrize("name", ["tiny_dancegrpo.yaml", "tiny_densegrpo.yaml"])
-def test_two_fsdp_ranks_train_a_trajectory_method_as_one_process_does(name, tiny_models, tiny_embeddings, tmp_path):
+def test_two_fsdp_ranks_train_a_trajectory_method_as_one_process_does(tiny_models, tiny_embeddings, tmp_path):
     """Two FSDP ranks with one prompt group each (one backward per training forward, gradients reduced across
     ranks) == one process with both groups (same seeds, same data, same random timestep subsets). One
-    optimiser step per training step, so that both make the same updates."""
+    optimiser step per training step, so that both make the same updates. DenseGRPO: also its batched
+    completions with per-sample timesteps, a different number of rows per call, on both ranks."""
     import json
     import subprocess
 
     from conftest import ENV, TORCHRUN
+
+    name = "tiny_densegrpo.yaml"
 
     common = [*model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}", "max_steps=2",
               "sample_every=0", "eval_every=0", "data.holdout=0", "checkpoint_start=1000", "save_dtype=float32",

@@ -57,10 +57,12 @@ def measure(path: Path, overrides: list[str], info) -> dict:
     if cfg.method == "g2rpo":
         k = len(cfg.sampling.branch_steps)  # one forward at (a_k, σ_k) per branch step scores the group's N
         forwards, transitions = k, k * cfg.sampling.group_size
-    else:
-        trained = sum(len(t) for t in groups[0].trained)
-        size = cfg.trajectory.micro_batch or trained
-        forwards, transitions = -(-trained // size), trained
+    else:  # the chunks of the step's units, per group (advantages do not change how many there are)
+        n, t = cfg.sampling.group_size, cfg.sampling.num_steps
+        shape = (n, t) if cfg.method == "densegrpo" else (n,)
+        units = trainer.method.units(groups, [torch.zeros(shape) for _ in groups])
+        forwards = sum(len(unit) for unit in units) // per_group
+        transitions = sum(len(t) for g in groups for t in g.trained) // per_group
     return {"method": cfg.method, "config": path.name, "closed": closed_form(cfg),
             "calls": metrics["rollout_calls"] // per_group, "sample_forwards": metrics["sample_forwards"] // per_group,
             "decodes": decodes, "train_forwards": forwards, "transitions": transitions,
