@@ -29,17 +29,6 @@ EXAMPLE_PROMPTS = ROOT / "data" / "example_prompts.txt"
 TINY_T5_LENGTH = 64  # T5 positions of the tiny default's embeddings (scripts/run_tiny.sh)
 
 
-# The files with the most two-rank work first: pytest-xdist hands whole files (--dist loadfile) to whichever
-# worker is free, in collection order, so the longest start first and the short ones fill in at the end.
-HEAVY_FIRST = ("test_reliability.py", "test_train.py", "test_methods.py", "test_benchmark.py",
-               "test_rollout_weights.py", "test_evaluation.py", "test_rollout.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: order within a file kept
-
-
 @pytest.fixture(scope="session")
 def prompts() -> list[str]:
     return read_prompt_file(EXAMPLE_PROMPTS)
