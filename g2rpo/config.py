@@ -397,7 +397,7 @@ class TrainConfig:
     checkpoints); without it such a folder is refused unless resume=auto continues it."""
 
     def __post_init__(self):
-        self._check_method()
+        _check_method_fields(self)
         if not self.rewards:
             raise ValueError("rewards is empty: name at least one reward (hps, clip_score)")
         names = [r.name for r in self.rewards]
@@ -464,8 +464,6 @@ def _check_method_fields(cfg: "TrainConfig") -> None:
         raise ValueError(f"method={cfg.method} does not use {', '.join(unused)}; remove it, or choose the method "
                          f"that does (README \"Methods\")")
 
-
-TrainConfig._check_method = _check_method_fields
 
 
 # Config fields a resumed run may change: the new value takes effect from the resume step on and is

@@ -16,8 +16,9 @@ weighted clipped losses sum to the unit's loss. One `Trainer` runs them all (g2r
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -81,6 +82,7 @@ class SingularMethod:
     step."""
 
     name = "g2rpo"
+    backward_per_chunk = False  # an update's few chunks (one per prompt group) go back in one backward
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -94,6 +96,10 @@ class SingularMethod:
 
     def rollout(self, policy, embedding, generator, step, device):
         return singular_sde_rollout(policy, embedding, self.sampling, generator, device=device)
+
+    def trained_transitions(self, rollout, generator: torch.Generator) -> None:
+        """Every generation trains every branch step: nothing to draw."""
+        return None
 
     def score_latents(self, rollout) -> torch.Tensor:
         """Every completion ``[N·K·G]`` (generation-major), then the anchor's final latent."""
@@ -127,13 +133,7 @@ class SingularMethod:
         per_branch = [[chunk(g, a, ki, 1 / len(groups)) for g, a in zip(groups, advantages)] for ki in range(k)]
         if self.cfg.ppo.update == "per_branch":
             return per_branch
-        return [[dataclass_replace(c, weight=c.weight / k) for unit in per_branch for c in unit]]
-
-
-def dataclass_replace(chunk: Chunk, **changes) -> Chunk:
-    import dataclasses
-
-    return dataclasses.replace(chunk, **changes)
+        return [[dataclasses.replace(c, weight=c.weight / k) for unit in per_branch for c in unit]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,6 +143,8 @@ def dataclass_replace(chunk: Chunk, **changes) -> Chunk:
 
 class TrajectoryMethod:
     """N full trajectories per prompt (`g2rpo.trajectory.sde_trajectories`); see the module table."""
+
+    backward_per_chunk = True  # up to hundreds of training forwards per update: one backward each
 
     def __init__(self, cfg):
         self.cfg, self.tcfg = cfg, cfg.trajectory

@@ -176,10 +176,8 @@ class Trainer:
                 embedding = embedding.to(self.info.device)
                 generator = torch.Generator().manual_seed(group_seed(self.cfg.seed, position))
                 result = self.method.rollout(policy, embedding, generator, step, self.info.device)
-                group = Group(caption, embedding, result)
-                if hasattr(self.method, "trained_transitions"):  # drawn after the rollout's noise, same generator
-                    group.trained = self.method.trained_transitions(result, generator)
-                groups.append(group)
+                # the transitions each generation trains: drawn after the rollout's noise, from the same generator
+                groups.append(Group(caption, embedding, result, trained=self.method.trained_transitions(result, generator)))
         return groups
 
     def score(self, groups: list[Group]) -> None:
@@ -207,25 +205,20 @@ class Trainer:
         all-reduce before stepping).
         """
         losses, clip_fracs, kls, norms, skipped = [], [], [], [], 0
-        per_chunk = self.cfg.method != "g2rpo" and self.engine.accumulates_backward
+        per_chunk = self.method.backward_per_chunk and self.engine.accumulates_backward
         for ui, unit in enumerate(self.method.units(groups, advantages)):
-            total, stats, finite = torch.zeros(()), [], True
+            total, stats = None, []
             for chunk in unit:
                 with self.engine.autocast():
                     new = chunk.log_probs(self.engine.module)
                 loss, chunk_stats = ppo_clip_loss(new, chunk.old_log_probs, chunk.advantages, self.cfg.ppo.clip_range)
                 stats.append(chunk_stats)
-                if per_chunk:
-                    if any_rank(not torch.isfinite(loss).item()):
-                        finite = False
-                        continue
-                    self.engine.backward(loss * chunk.weight)
-                    total = total + loss.detach().cpu() * chunk.weight
-                else:
-                    total = total.to(loss.device) + loss * chunk.weight
-            if not per_chunk:
-                finite = not any_rank(not torch.isfinite(total).item())
-            if not finite:
+                weighted = loss * chunk.weight
+                if per_chunk:  # a non-finite chunk's gradients are dropped with the update's below
+                    self.engine.backward(weighted)
+                    weighted = weighted.detach()
+                total = weighted if total is None else total + weighted
+            if any_rank(not torch.isfinite(total).item()):  # one check (a host sync and an all-reduce) per update
                 if per_chunk:
                     self.engine.skip_step()
                 self._skip("loss", ui)

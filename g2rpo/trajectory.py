@@ -85,13 +85,14 @@ def sde_trajectories(policy, embedding: PromptEmbedding, cfg: SamplingConfig, le
     start = start.to(device)
     velocity = VelocityField.for_sampling(policy, embedding, cfg, device, cfg.micro_batch, compute_dtype)
 
-    latents = [start]
-    velocities = []
+    keep_velocities = dense and order == "shared"  # the completions' first steps reuse them
+    latents, velocities = [start], []
     old_log_probs = torch.full((n, t), float("nan"), device=device)
     for i in range(t):
         x = latents[-1]
         v = velocity(x, sigmas[i])
-        velocities.append(v)
+        if keep_velocities:
+            velocities.append(v)
         if levels[i] > 0:
             x_next, _, log_prob = sde_step(v, x, sigmas, i, 0.0, noise=noise[i], level=levels[i].to(device))
             old_log_probs[:, i] = log_prob
@@ -101,12 +102,10 @@ def sde_trajectories(policy, embedding: PromptEmbedding, cfg: SamplingConfig, le
     latents = torch.stack(latents, dim=1)
 
     completions = None
-    if dense:
-        shared_start = same_start_noise
-        if order == "shared":
-            completions = _complete_batched(velocity, latents, torch.stack(velocities, dim=1), sigmas, shared_start)
-        else:
-            completions = _complete_each(velocity, latents, sigmas)
+    if keep_velocities:
+        completions = _complete_batched(velocity, latents, torch.stack(velocities, dim=1), sigmas, same_start_noise)
+    elif dense:
+        completions = _complete_each(velocity, latents, sigmas)
     return TrajectoryResult(sigmas=sigmas, levels=levels, latents=latents, old_log_probs=old_log_probs,
                             completions=completions, num_calls=velocity.calls,
                             num_sample_forwards=velocity.sample_forwards)
