@@ -163,9 +163,25 @@ def _prepare_all_ranks(args, prompts: list[str], info) -> None:
 
 
 def main(argv=None) -> None:
+    """The CLI: `evaluate`, then leave through `g2rpo.distributed.teardown` (exit 1 after an error)."""
+    from g2rpo.distributed import RankFailure, teardown
+
+    try:
+        evaluate(argv)
+    except EvaluationError as exc:  # rank 0's; the other ranks get RankFailure and leave quietly
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        teardown(1)
+    except RankFailure:
+        teardown(1)
+    teardown(0)
+
+
+def evaluate(argv=None) -> None:
+    """Generate what ``--out`` lacks, score every image, write the tables. Collective under torchrun; in a plain
+    process, one rank. Raises `EvaluationError` (rank 0) / `RankFailure` (the others) where the run is refused."""
     from g2rpo.config import ModelsConfig, load_config
     from g2rpo.data import read_prompt_file
-    from g2rpo.distributed import RankFailure, barrier, init_distributed, print0, teardown
+    from g2rpo.distributed import barrier, init_distributed, print0
     from g2rpo.models import load_flux_pipeline, resolve_dtype
     from g2rpo.rewards import build_reward
 
@@ -173,13 +189,7 @@ def main(argv=None) -> None:
     prompts = read_prompt_file(args.prompts)[: args.limit]
     models = load_config(ModelsConfig, args.models_config)
     info = init_distributed(args.device)
-    try:
-        _prepare_all_ranks(args, prompts, info)
-    except EvaluationError as exc:  # rank 0's; the other ranks get RankFailure and leave quietly
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        teardown(1)
-    except RankFailure:
-        teardown(1)
+    _prepare_all_ranks(args, prompts, info)
     images_dir = args.out / "images"
     mine = list(range(info.rank, len(prompts), info.world_size))
     todo = [i for i in mine if not (images_dir / f"{i:05d}.png").is_file()]
@@ -221,5 +231,4 @@ def main(argv=None) -> None:
         for part in parts:
             part.unlink()
         print0(f"\n{args.out}: {len(merged)} images\n\n{summary_markdown(rows)}")
-    teardown(0)
 

@@ -32,6 +32,20 @@ def _evaluate(tiny_models, models_yaml, prompt_file, out, nproc=2, extra=(), ok=
     return result
 
 
+def _evaluate_here(tiny_models, models_yaml, prompt_file, out, extra) -> str:
+    """`g2rpo.evaluation.evaluate` in this process (one rank); returns what it printed."""
+    import contextlib
+    import io
+
+    from g2rpo.evaluation import evaluate
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        evaluate(["--base", tiny_models.flux.path, "--prompts", str(prompt_file), "--models-config", str(models_yaml),
+                  "--out", str(out), *SIZE, *extra])
+    return printed.getvalue()
+
+
 def _scores(out) -> list[dict]:
     return [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
 
@@ -104,7 +118,8 @@ def _check_another_transformer_is_refused_until_overwrite(tiny_models, tiny_pipe
     assert "--overwrite (OVERWRITE=1 for run_eval.sh)" in refused.stderr and "to generate" not in refused.stdout
     assert _images(out) == base_images and _scores(out) == base_scores  # nothing touched
 
-    _evaluate(tiny_models, models_yaml, prompt_file, out, extra=[*swapped, "--overwrite"])
+    # in process (one rank; the refusal above is the part that needs two): --overwrite regenerates
+    _evaluate_here(tiny_models, models_yaml, prompt_file, out, [*swapped, "--overwrite"])
     new_scores, new_images = _scores(out), _images(out)
     assert sorted(new_images) == sorted(base_images)
     assert all(new_images[name] != base_images[name] for name in new_images)
@@ -114,11 +129,11 @@ def _check_another_transformer_is_refused_until_overwrite(tiny_models, tiny_pipe
 
     # a re-run with the same inputs generates nothing, rewrites no image and gives the same scores
     before = (out / "images/00002.png").stat().st_mtime_ns
-    again = _evaluate(tiny_models, models_yaml, prompt_file, out, extra=swapped)
-    assert again.stdout.count(" 0 to generate") == 2 and "plain diffusers folder (not verified)" in again.stdout
+    again = _evaluate_here(tiny_models, models_yaml, prompt_file, out, swapped)
+    assert "rank 0: 5 prompts, 0 to generate" in again and "plain diffusers folder (not verified)" in again
     assert (out / "images/00002.png").stat().st_mtime_ns == before
     assert _images(out) == new_images and _scores(out) == new_scores
-    assert (out / "summary.md").read_text() != base_table and (out / "summary.md").read_text() in again.stdout
+    assert (out / "summary.md").read_text() != base_table and (out / "summary.md").read_text() in again
 
 
 def _args(tiny_models, tmp_path, *extra):
