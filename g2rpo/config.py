@@ -202,6 +202,10 @@ class PPOConfig:
     update: str = "per_branch"
     """g2rpo: per_branch (one optimiser step per branch step k, the released trainers) | accumulate (the K
     losses / K accumulated into one optimiser step per training step, the other upstream version)."""
+    kl_beta: float = 0.0
+    """β of the KL penalty to the frozen initial transformer, ``loss + β·KL(π_θ ‖ π_ref)`` per trained transition
+    (Flow-GRPO, DenseGRPO: 0.04 / 0.01); 0 (the default, as G²RPO, DanceGRPO and MixGRPO) builds no reference.
+    FSDP engine only; the reference's shards take half the trained shards' memory under bf16."""
 
     def __post_init__(self):
         if self.clip_range <= 0:
@@ -210,6 +214,8 @@ class PPOConfig:
             raise ValueError(f"ppo.adv_clip_max={self.adv_clip_max}: must be > 0")
         if self.update not in ("per_branch", "accumulate"):
             raise ValueError(f"ppo.update={self.update!r}: expected per_branch or accumulate")
+        if not (isinstance(self.kl_beta, (int, float)) and self.kl_beta >= 0):
+            raise ValueError(f"ppo.kl_beta={self.kl_beta!r}: must be a number >= 0 (0 turns the KL term off)")
 
 
 METHODS = ("g2rpo", "dancegrpo", "flowgrpo", "mixgrpo", "densegrpo")
@@ -425,6 +431,10 @@ class TrainConfig:
                 raise ValueError(f"trajectory.samples_per_update={self.trajectory.samples_per_update}: must divide "
                                  f"the {per_rank} generations of a rank's step (sampling.group_size x "
                                  f"data.prompts_per_rank)")
+        if self.ppo.kl_beta and self.engine.kind != "fsdp":
+            raise ValueError(f"ppo.kl_beta={self.ppo.kl_beta} needs engine.kind=fsdp (the frozen reference is a "
+                             f"second FSDP2-sharded transformer); engine.kind={self.engine.kind!r} has none: set "
+                             f"ppo.kl_beta=0 or engine.kind=fsdp")
         if self.overwrite and self.resume:
             raise ValueError(f"overwrite=true with resume={self.resume!r}: choose one -- continue the run in "
                              f"output_dir (resume) or delete it and start afresh (overwrite)")

@@ -182,10 +182,8 @@ class FSDPEngine(Engine):
     """FSDP2 over all processes (one included), built on the meta device and filled from safetensors."""
 
     def __init__(self, weights_folder: Path, engine_cfg, optim_cfg, total_updates: int, info: DistInfo,
-                 mark=_no_mark):
+                 mark=_no_mark, reference: bool = False):
         from diffusers import FluxTransformer2DModel
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         from g2rpo.models import SafetensorsFolder
 
@@ -193,34 +191,65 @@ class FSDPEngine(Engine):
         ensure_process_group(info)
         weights = SafetensorsFolder(weights_folder)
         self.config = FluxTransformer2DModel.load_config(weights_folder)
+        self.autocast_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "autocast" else None
+        self.module, self.units = self._sharded_model(weights, weights_folder, trainable=True, mark=mark)
+        self.module.train()
+        self.optimizer = self._make_optimizer(self.module.parameters())
+        if reference:
+            self.reference, self.reference_units = self._sharded_model(weights, weights_folder, trainable=False)
+            mark("reference")
+        # FSDP2 warns on every block that returns a view; FLUX's blocks and our code never modify a block's
+        # output in place (the FSDP / one-process gradient equality tests would catch it), so it is noise.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+    def _sharded_model(self, weights, weights_folder: Path, trainable: bool, mark=_no_mark):
+        """The transformer built on the meta device, ``fully_shard``-ed per block and at the root, then filled
+        from the safetensors; returns ``(model, its FSDP units, root last)``. The frozen reference
+        (``trainable=False``: no gradients, eval mode, no activation checkpointing) stores its shards in the
+        compute dtype -- bf16 under ``mixed_precision: bf16``, the values the trained model's all-gathers cast
+        its fp32 shards to -- so it costs half the trained shards' memory and computes what they computed."""
+        from diffusers import FluxTransformer2DModel
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        engine_cfg, info = self.cfg, self.info
         with torch.device("meta"):
             model = FluxTransformer2DModel.from_config(self.config)
-        if engine_cfg.activation_checkpointing:
-            model.enable_gradient_checkpointing()  # diffusers' own: keeps the parameter names unchanged
         param_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "bf16" else None
-        self.autocast_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "autocast" else None
+        if trainable and engine_cfg.activation_checkpointing:
+            model.enable_gradient_checkpointing()  # diffusers' own: keeps the parameter names unchanged
+        if not trainable:
+            model.requires_grad_(False).eval()
+            if param_dtype is not None:
+                model.to(param_dtype)
         policy = dict(mesh=init_device_mesh(info.device.type, (info.world_size,)),
                       mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
                       offload_policy=CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if engine_cfg.offload
                       else OffloadPolicy())
-        reshard = engine_cfg.fsdp_sharding == "full_shard"
-        self.units = [m for m in model.modules() if isinstance(m, flux_block_classes())]
-        for block in self.units:
+        reshard = engine_cfg.fsdp_sharding == "full_shard" or not trainable
+        units = [m for m in model.modules() if isinstance(m, flux_block_classes())]
+        for block in units:
             fully_shard(block, reshard_after_forward=reshard, **policy)
         fully_shard(model, **policy)  # the root: embedders, final norm and projection
-        self.units.append(model)
-        self.module = model
+        units.append(model)
         model.to_empty(device="cpu" if engine_cfg.offload else info.device)  # allocates this rank's shards only
         mark("wrap")
         weights.check_names([n for n, _ in model.named_parameters()], f"FLUX transformer {weights_folder}")
         fill = _fill_from_slices if engine_cfg.load_strategy == "slices" else _fill_from_broadcast
         fill(model, weights, info)
         mark("load")
-        model.train()
-        self.optimizer = self._make_optimizer(model.parameters())
-        # FSDP2 warns on every block that returns a view; FLUX's blocks and our code never modify a block's
-        # output in place (the FSDP / one-process gradient equality tests would catch it), so it is noise.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        return model, units
+
+    @contextlib.contextmanager
+    def reference_policy(self):
+        """``with engine.reference_policy() as ref:`` -- the frozen initial transformer (``ppo.kl_beta > 0``),
+        under the engine's autocast; its units are resharded on leaving. Collective (sharded forwards)."""
+        try:
+            with self.autocast(), torch.no_grad():
+                yield self.reference
+        finally:
+            for unit in self.reference_units:
+                unit.reshard()
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -498,8 +527,10 @@ def build_engine(cfg, info: DistInfo, total_updates: int, mark=_no_mark) -> Engi
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"FLUX transformer: {folder} has no config.json; expected a diffusers pipeline "
                                 f"folder at models.flux.path={cfg.models.flux.path}")
-    kind = {"fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}[cfg.engine.kind]
-    engine = kind(folder, cfg.engine, cfg.optim, total_updates, info, mark)
+    if cfg.engine.kind == "fsdp":
+        engine = FSDPEngine(folder, cfg.engine, cfg.optim, total_updates, info, mark, reference=cfg.ppo.kl_beta > 0)
+    else:
+        engine = DeepSpeedEngine(folder, cfg.engine, cfg.optim, total_updates, info, mark)
     print0(f"engine: {cfg.engine.kind} over {info.world_size} process(es), {sum(engine.param_sizes().values()):,} "
            f"parameters, mixed precision {cfg.engine.mixed_precision}, rollout weights {cfg.engine.rollout_weights}")
     return engine

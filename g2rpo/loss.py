@@ -1,4 +1,5 @@
-"""PPO-clipped GRPO policy loss (G2RPO_ALGORITHM.md §5). No KL term, no reference model."""
+"""PPO-clipped GRPO policy loss (G2RPO_ALGORITHM.md §5) and the optional KL penalty to a frozen reference
+(``ppo.kl_beta``; Flow-GRPO's and DenseGRPO's β, off by default as in G²RPO, DanceGRPO and MixGRPO)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ def ppo_clip_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
             "approx_kl": ((ratio - 1) - log_ratio).mean(),
         }
     return loss, stats
+
+
+def reference_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``KL(π_θ(·|x_t) ‖ π_ref(·|x_t))`` of one SDE transition, averaged over its elements -> ``[B]``.
+
+    Both policies' transitions are Gaussians with the same standard deviation ``std`` (it depends on the
+    grid and the noise level only), so per element ``KL = (μ_θ − μ_ref)² / (2·std²)``; averaged over the
+    non-batch elements like the log-prob (`g2rpo.flow.gaussian_log_prob`). Gradients flow through ``mean``
+    only: ``ref_mean`` is the frozen reference's. ``mean`` may have batch size 1 where the whole group
+    shares its transition's start (G²RPO's branch step).
+    """
+    if mean.shape[1:] != ref_mean.shape[1:]:
+        raise ValueError(f"mean {tuple(mean.shape)} and reference mean {tuple(ref_mean.shape)} differ in shape")
+    squared = (mean.float() - ref_mean.float().detach()) ** 2 / (2 * std.float() ** 2)
+    return squared.flatten(1).mean(dim=1)

@@ -26,17 +26,18 @@ from typing import Callable
 import torch
 
 from g2rpo.advantages import dense_advantages, mgai_advantages, terminal_advantages
-from g2rpo.flow import noise_level, sde_step, sigma_schedule
-from g2rpo.rollout import VelocityField, policy_log_probs, singular_sde_rollout
+from g2rpo.flow import gaussian_log_prob, noise_level, sde_step_stats, sigma_schedule
+from g2rpo.rollout import Transition, VelocityField, policy_transition, singular_sde_rollout
 from g2rpo.trajectory import sde_trajectories
 
 
 @dataclass
 class Chunk:
-    """One training forward: ``log_probs(policy)`` gives the new log-probs ``[m]`` of its transitions, whose
-    clipped loss (a mean over the m) enters the unit's loss with ``weight``."""
+    """One training forward: ``transition(policy)`` gives its m transitions under ``policy`` (their new
+    log-probs ``[m]``, means and std: `g2rpo.rollout.Transition`), whose clipped loss (a mean over the m) -- plus
+    β times their KL to the reference where ``ppo.kl_beta > 0`` -- enters the unit's loss with ``weight``."""
 
-    log_probs: Callable[[torch.nn.Module], torch.Tensor]
+    transition: Callable[[torch.nn.Module], Transition]
     old_log_probs: torch.Tensor  # [m]
     advantages: torch.Tensor  # [m]
     weight: float
@@ -125,9 +126,9 @@ class SingularMethod:
 
     def units(self, groups, advantages, compute_dtype=None) -> list[list[Chunk]]:
         def chunk(group, adv, ki, weight):
-            def log_probs(policy):
-                return policy_log_probs(policy, group.embedding, group.rollout, ki, self.sampling, compute_dtype)
-            return Chunk(log_probs, group.rollout.old_log_probs[:, ki], adv[:, ki], weight)
+            def transition(policy):
+                return policy_transition(policy, group.embedding, group.rollout, ki, self.sampling, compute_dtype)
+            return Chunk(transition, group.rollout.old_log_probs[:, ki], adv[:, ki], weight)
 
         k = len(self.sampling.branch_steps)
         per_branch = [[chunk(g, a, ki, 1 / len(groups)) for g, a in zip(groups, advantages)] for ki in range(k)]
@@ -255,16 +256,16 @@ class TrajectoryMethod:
         advantages = torch.stack([a[j] if a.dim() == 1 else a[j, i] for j, i, a in rows])
         sampling = self.sampling
 
-        def log_probs(policy):
+        def transition(policy):
             x = r.latents[gen, index]
             velocity = VelocityField.for_sampling(policy, group.embedding, sampling, x.device,
                                                   compute_dtype=compute_dtype)
-            v = velocity(x, r.sigmas[index.to(x.device)])
-            level = r.levels.to(x.device)[index]
-            return sde_step(v, x, r.sigmas, index.to(x.device), 0.0, prev_sample=r.latents[gen, index + 1],
-                            level=level)[2]
+            at = index.to(x.device)
+            v = velocity(x, r.sigmas[at])
+            mean, std, _ = sde_step_stats(x, v, r.sigmas, at, 0.0, level=r.levels.to(x.device)[index])
+            return Transition(gaussian_log_prob(r.latents[gen, index + 1], mean, std), mean, std)
 
-        return Chunk(log_probs, r.old_log_probs[gen, index], advantages, weight)
+        return Chunk(transition, r.old_log_probs[gen, index], advantages, weight)
 
 
 def build_method(cfg):

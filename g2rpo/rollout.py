@@ -26,12 +26,13 @@ the reference keeps the anchor in bf16 -- a deliberate, more precise deviation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from g2rpo.config import SamplingConfig
-from g2rpo.flow import (granular_indices, latent_image_ids, ode_step, pack_latents, quantize_timestep,
-                        sde_step, sigma_schedule)
+from g2rpo.flow import (gaussian_log_prob, granular_indices, latent_image_ids, ode_step, pack_latents,
+                        quantize_timestep, sde_step, sde_step_stats, sigma_schedule)
 
 
 @dataclass
@@ -281,9 +282,19 @@ def singular_sde_rollout(policy, embedding: PromptEmbedding, cfg: SamplingConfig
     )
 
 
-def policy_log_probs(policy, embedding: PromptEmbedding, rollout: RolloutResult, branch_index: int,
-                     cfg: SamplingConfig, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``new_log_prob [N]`` of the stored ``x^{(n)}_{k+1}`` under ``policy`` (§5), with gradients.
+class Transition(NamedTuple):
+    """A training forward's transitions under one policy: ``log_probs [m]`` of the stored next latents, and the
+    Gaussian ``mean`` (``[m, ...]``, or ``[1, ...]`` shared by the m) and ``std`` they were scored under."""
+
+    log_probs: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def policy_transition(policy, embedding: PromptEmbedding, rollout: RolloutResult, branch_index: int,
+                      cfg: SamplingConfig, compute_dtype: torch.dtype | None = None) -> Transition:
+    """The branch step ``k = branch_steps[branch_index]`` under ``policy`` (§5), with gradients: the new
+    log-probs ``[N]`` of the stored ``x^{(n)}_{k+1}``, and the step's mean ``[1, ...]`` and std.
 
     One forward at ``(a_k, σ_k)`` serves the whole group, since every generation branched from the
     same anchor latent.
@@ -292,11 +303,14 @@ def policy_log_probs(policy, embedding: PromptEmbedding, rollout: RolloutResult,
     a_k = rollout.anchor_latents[k][None]
     velocity = VelocityField.for_sampling(policy, embedding, cfg, a_k.device, compute_dtype=compute_dtype)
     v = velocity(a_k, rollout.sigmas[k])
-    x_next = rollout.next_latents[:, branch_index]
-    n = x_next.shape[0]
-    _, _, log_prob = sde_step(v.expand(n, -1, -1), a_k.expand(n, -1, -1), rollout.sigmas, k, cfg.eta,
-                              prev_sample=x_next)
-    return log_prob
+    mean, std, _ = sde_step_stats(a_k, v, rollout.sigmas, k, cfg.eta)
+    return Transition(gaussian_log_prob(rollout.next_latents[:, branch_index], mean, std), mean, std)
+
+
+def policy_log_probs(policy, embedding: PromptEmbedding, rollout: RolloutResult, branch_index: int,
+                     cfg: SamplingConfig, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``new_log_prob [N]`` of `policy_transition`."""
+    return policy_transition(policy, embedding, rollout, branch_index, cfg, compute_dtype).log_probs
 
 
 def expected_cost(cfg: SamplingConfig) -> dict[str, int]:

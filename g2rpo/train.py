@@ -52,7 +52,7 @@ def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
         f"sampling: T={s.num_steps}, shift={s.shift}, eta={s.eta}, {sampling}, order={s.order}",
         f"rewards: {', '.join(f'{r.name} (weight {r.weight})' for r in cfg.rewards)}",
         f"steps: {cfg.max_steps}, optimiser updates: {cfg.max_steps * k} ({k} per step), lr {cfg.optim.lr}, "
-        f"clip_range {cfg.ppo.clip_range}",
+        f"clip_range {cfg.ppo.clip_range}" + (f", KL to the frozen base beta={cfg.ppo.kl_beta}" if cfg.ppo.kl_beta else ""),
         f"checkpoints: every {cfg.checkpoint_every} steps from step {cfg.checkpoint_start} and the last, "
         f"to {cfg.output_dir}",
     ]

@@ -27,7 +27,7 @@ from g2rpo.distributed import (DistInfo, agreed, all_gather_object, all_reduce, 
                                print0)
 from g2rpo.engine import build_engine
 from g2rpo.io import atomic_write_text
-from g2rpo.loss import ppo_clip_loss
+from g2rpo.loss import ppo_clip_loss, reference_kl
 from g2rpo.memory import PhaseMeter
 from g2rpo.methods import build_method
 from g2rpo.metrics import MetricsLogger
@@ -198,20 +198,29 @@ class Trainer:
     def update(self, groups: list[Group], advantages: list[torch.Tensor]) -> dict[str, float]:
         """The method's optimiser updates, in order (G²RPO: one per branching step k, §5).
 
-        Each update sums the weighted clipped losses of its chunks (one training forward each): in one
+        Each update sums the weighted clipped losses of its chunks (one training forward each; plus β times their
+        KL to the frozen reference, one no-grad reference forward each, where ``ppo.kl_beta > 0``): in one
         backward, or -- for the full-trajectory methods on an engine that accumulates gradients (FSDP) -- one
         backward per chunk, so that only one forward's activations are alive. A non-finite loss or gradient
         norm on any rank skips that update on every rank (no parameter changes; the ranks agree through an
         all-reduce before stepping).
         """
-        losses, clip_fracs, kls, norms, skipped = [], [], [], [], 0
+        losses, clip_fracs, kls, ref_kls, norms, skipped = [], [], [], [], [], 0
         per_chunk = self.method.backward_per_chunk and self.engine.accumulates_backward
+        beta = self.cfg.ppo.kl_beta
         for ui, unit in enumerate(self.method.units(groups, advantages)):
             total, stats = None, []
             for chunk in unit:
                 with self.engine.autocast():
-                    new = chunk.log_probs(self.engine.module)
-                loss, chunk_stats = ppo_clip_loss(new, chunk.old_log_probs, chunk.advantages, self.cfg.ppo.clip_range)
+                    new = chunk.transition(self.engine.module)
+                loss, chunk_stats = ppo_clip_loss(new.log_probs, chunk.old_log_probs, chunk.advantages,
+                                                  self.cfg.ppo.clip_range)
+                if beta:  # + β·KL(π_θ ‖ π_ref) of the same transitions (g2rpo.loss.reference_kl)
+                    with self.engine.reference_policy() as reference:
+                        ref_mean = chunk.transition(reference).mean
+                    kl = reference_kl(new.mean, ref_mean, new.std).mean()
+                    loss = loss + beta * kl
+                    chunk_stats["kl_ref"] = kl.detach()
                 stats.append(chunk_stats)
                 weighted = loss * chunk.weight
                 if per_chunk:  # a non-finite chunk's gradients are dropped with the update's below
@@ -238,11 +247,13 @@ class Trainer:
             losses.append(total.detach().cpu())
             clip_fracs.append(torch.stack([s["clip_frac"] for s in stats]).mean().cpu())
             kls.append(torch.stack([s["approx_kl"] for s in stats]).mean().cpu())
+            if beta:
+                ref_kls.append(torch.stack([s["kl_ref"] for s in stats]).mean().cpu())
 
         def mean(values):
             return torch.stack(values).mean().cpu() if values else torch.tensor(float("nan"))
 
-        return {
+        metrics = {
             "loss": all_reduce(mean(losses)).item(),
             "clip_frac": all_reduce(mean(clip_fracs)).item(),
             "approx_kl": all_reduce(mean(kls)).item(),
@@ -250,6 +261,9 @@ class Trainer:
             "lr": self.engine.scheduler.get_last_lr()[0],
             "skipped_updates": skipped,
         }
+        if beta:
+            metrics["kl_ref"] = all_reduce(mean(ref_kls)).item()  # mean KL to the reference, before each update
+        return metrics
 
     def _skip(self, what: str, branch_index: int | None, updates: int = 1) -> None:  # branch_index: the update
         """Record a skip (one update, or a whole step's ``updates`` for a bad reward); stop after too many in a row."""

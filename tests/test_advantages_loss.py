@@ -105,3 +105,29 @@ def test_ppo_loss_validates():
         ppo_clip_loss(torch.zeros(3), torch.zeros(3), torch.zeros(4), 0.1)
     with pytest.raises(ValueError, match="clip_range=0"):
         ppo_clip_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), 0)
+
+
+def test_reference_kl_is_the_gaussian_kl_with_its_gradient():
+    """`reference_kl` against torch.distributions' KL of the two Gaussians (mean over elements), its gradient
+    against autograd of that independent formula, and 0 with a zero gradient at the reference."""
+    from torch.distributions import Normal, kl_divergence
+
+    from g2rpo.loss import reference_kl
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(3, 5, 4, generator=g)
+    for std in (torch.tensor(0.3), torch.tensor([0.2, 0.5, 1.5]).reshape(3, 1, 1)):  # one step; a step per sample
+        mean = (ref + 0.1 * torch.randn(3, 5, 4, generator=g)).requires_grad_()
+        got = reference_kl(mean, ref, std)
+        expected = kl_divergence(Normal(mean, std.expand_as(mean)), Normal(ref, std.expand_as(ref))).flatten(1).mean(1)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+        weights = torch.tensor([0.5, -1.0, 2.0])
+        (grad,) = torch.autograd.grad((got * weights).sum(), mean)
+        (independent,) = torch.autograd.grad((expected * weights).sum(), mean)
+        torch.testing.assert_close(grad, independent, rtol=1e-5, atol=1e-7)
+    at_reference = ref.clone().requires_grad_()
+    kl = reference_kl(at_reference, ref, torch.tensor(0.3))
+    assert torch.equal(kl, torch.zeros(3)) and torch.equal(torch.autograd.grad(kl.sum(), at_reference)[0],
+                                                           torch.zeros_like(ref))
+    shared = reference_kl(mean[:1], ref[:1], torch.tensor(0.3))  # G²RPO: one mean for the whole group
+    assert shared.shape == (1,)

@@ -240,7 +240,7 @@ def test_batched_training_forwards_equal_the_batch_1_order(tiny_models, tiny_emb
         assert len(unit) == (4 * 4 if size == 1 else 1)  # 4 generations x ⌊0.6·7⌋ transitions
         total = 0.0
         for chunk in unit:
-            loss = ppo_clip_loss(chunk.log_probs(trainer.engine.module), chunk.old_log_probs, chunk.advantages,
+            loss = ppo_clip_loss(chunk.transition(trainer.engine.module).log_probs, chunk.old_log_probs, chunk.advantages,
                                  trainer.cfg.ppo.clip_range)[0] * chunk.weight
             loss.backward()
             total += loss.item()
@@ -251,6 +251,46 @@ def test_batched_training_forwards_equal_the_batch_1_order(tiny_models, tiny_emb
     scale = max(g.abs().max() for g in grads_0.values())
     for name in grads_1:
         torch.testing.assert_close(grads_1[name], grads_0[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name, overrides", [("tiny_flowgrpo.yaml", ()), ("tiny.yaml", ("ppo.update=accumulate",))])
+def test_kl_to_the_reference_is_zero_at_the_start_then_measured_against_the_base(name, overrides, tiny_models,
+                                                                               tiny_embeddings, tmp_path):
+    """ppo.kl_beta (one optimiser update per step here): step 0 starts at the reference, so its KL is 0 and --
+    its gradient being 0 there -- the step trains exactly as without the term; at step 1 the logged KL equals
+    `reference_kl` against the base transformer loaded afresh (an independent model: the reference stayed
+    the initial weights), and the term changes the update."""
+    from g2rpo.loss import reference_kl
+
+    plain = _trainer(name, tiny_models, tiny_embeddings, tmp_path / "plain", *overrides)
+    kl = _trainer(name, tiny_models, tiny_embeddings, tmp_path / "kl", *overrides, "ppo.kl_beta=0.5")
+    assert plain.method.updates_per_step() == 1 and "kl_ref" not in plain.train_step(0)
+    assert kl.train_step(0)["kl_ref"] == 0.0
+
+    def weights(trainer):
+        return {n: p.detach().full_tensor().clone() for n, p in trainer.engine.module.named_parameters()}
+
+    assert all(torch.equal(a, b) for a, b in zip(weights(plain).values(), weights(kl).values()))
+    base = load_transformer(tiny_models.flux.path, subfolder="transformer").eval()
+    groups = kl.rollout(1)
+    kl.score(groups)
+    advantages = kl.advantages(groups)
+    expected = []
+    for chunk in kl.method.units(groups, advantages)[0]:
+        with torch.no_grad():
+            new = chunk.transition(kl.engine.module)
+            expected.append(reference_kl(new.mean, chunk.transition(base).mean, new.std).mean())
+    expected = torch.stack(expected).mean().item()
+    assert kl.update(groups, advantages)["kl_ref"] == pytest.approx(expected, rel=1e-4) and expected > 0
+    plain.train_step(1)
+    assert not all(torch.equal(a, b) for a, b in zip(weights(plain).values(), weights(kl).values()))
+
+
+def test_kl_beta_is_checked():
+    with pytest.raises(ValueError, match="ppo.kl_beta=-0.1: must be a number >= 0"):
+        load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", ["ppo.kl_beta=-0.1"])
+    with pytest.raises(ValueError, match="ppo.kl_beta=0.04 needs engine.kind=fsdp"):
+        load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", ["ppo.kl_beta=0.04", "engine.kind=deepspeed"])
 
 
 def test_g2rpo_accumulate_is_the_mean_of_the_per_branch_losses(tiny_models, tiny_embeddings, tmp_path):
@@ -265,7 +305,7 @@ def test_g2rpo_accumulate_is_the_mean_of_the_per_branch_losses(tiny_models, tiny
     from g2rpo.loss import ppo_clip_loss
 
     def losses(trainer, chunks):
-        return [ppo_clip_loss(c.log_probs(trainer.engine.module), c.old_log_probs, c.advantages,
+        return [ppo_clip_loss(c.transition(trainer.engine.module).log_probs, c.old_log_probs, c.advantages,
                               trainer.cfg.ppo.clip_range)[0] * c.weight for c in chunks]
 
     k = len(units[0])
