@@ -265,11 +265,22 @@ class WindowConfig:
     """training steps between moves of the window (MixGRPO: 25; MixGRPO-Flash: 20)."""
     stride: int = 1
     """transitions the window moves towards lower noise per shift (0 = a fixed window, MixGRPO-Flash*)."""
+    solver: str = "euler"
+    """the ODE steps after the window: euler (MixGRPO) | dpmsolver++ (MixGRPO-Flash: DPM-Solver++(2M), midpoint,
+    its history carrying x̂0 across the window)."""
+    post_compress: float = 1.0
+    """MixGRPO-Flash's compressed tail: the steps after the window shrink to ⌊(T − last)·ratio⌋ − 1 (at least 1;
+    MixGRPO-Flash: 0.4); 1 keeps the T-step grid."""
 
     def __post_init__(self):
         if self.size < 1 or self.start < 0 or self.shift_every < 1 or self.stride < 0:
             raise ValueError(f"window: size={self.size} (>= 1), start={self.start} (>= 0), shift_every="
                              f"{self.shift_every} (>= 1), stride={self.stride} (>= 0)")
+        if self.solver not in ("euler", "dpmsolver++"):
+            raise ValueError(f"window.solver={self.solver!r}: expected euler (MixGRPO) or dpmsolver++ (MixGRPO-Flash)")
+        if not 0 < self.post_compress <= 1:
+            raise ValueError(f"window.post_compress={self.post_compress}: must be in (0, 1] (MixGRPO-Flash: 0.4; 1 = "
+                             f"no compression)")
 
 
 @dataclass

@@ -160,6 +160,33 @@ def ode_step(velocity: torch.Tensor, latents: torch.Tensor, sigmas: torch.Tensor
     return x + (per_sample(sigmas[next_index].float(), x) - sigma) * v, x - sigma * v
 
 
+def dpm_solver_step(latents: torch.Tensor, pred_x0: torch.Tensor, sigma: float, sigma_next: float,
+                    prev_x0: torch.Tensor | None = None, sigma_prev: float | None = None) -> torch.Tensor:
+    """One DPM-Solver++(2M) step (midpoint) of the flow ODE from ``σ`` to ``σ_next`` (MixGRPO-Flash's solver).
+
+    Data prediction ``x̂0 = x − σ·v``; ``α = 1 − σ``, ``λ = log(α/σ)``, ``h = λ_next − λ``:
+
+    * first order (no ``prev_x0``, a previous ``σ_prev = 1`` where λ is −∞, or ``σ_next = 0``):
+      ``x_next = (σ_next/σ)·x − α_next·(e^{−h} − 1)·x̂0`` -- exactly the Euler step ``x + (σ_next − σ)·v``
+      (``x̂0`` itself at ``σ_next = 0``);
+    * second order, with the previous step's ``x̂0'`` at ``σ_prev``: ``r = (λ − λ_prev)/h``, ``D1 = (x̂0 − x̂0')/r``,
+      ``x_next = first order − ½·α_next·(e^{−h} − 1)·D1``.
+
+    ``σ`` values are Python floats (the coefficients are computed in float64 on the host); latents float32.
+    """
+    x, x0 = latents.float(), pred_x0.float()
+    if sigma_next == 0:
+        return x0
+    lam = lambda s: math.log(1 - s) - math.log(s)  # noqa: E731
+    h = lam(sigma_next) - lam(sigma)
+    decay = math.expm1(-h) * (1 - sigma_next)  # α_next·(e^{−h} − 1)
+    out = (sigma_next / sigma) * x - decay * x0
+    if prev_x0 is None or sigma_prev is None or sigma_prev >= 1:
+        return out
+    r = (lam(sigma) - lam(sigma_prev)) / h
+    return out - 0.5 * decay * (x0 - prev_x0.float()) / r
+
+
 # --------------------------------------------------------------------------------------------
 # §3.4 granular completion grids
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from g2rpo.advantages import dense_advantages, mgai_advantages, terminal_advantages
 from g2rpo.flow import gaussian_log_prob, noise_level, sde_step_stats, sigma_schedule
 from g2rpo.rollout import Transition, VelocityField, policy_transition, singular_sde_rollout
-from g2rpo.trajectory import sde_trajectories
+from g2rpo.trajectory import compressed_grid, sde_trajectories
 
 
 @dataclass
@@ -168,11 +168,25 @@ class TrajectoryMethod:
         """``[T]`` noise levels at training step ``step`` (0: a deterministic transition)."""
         if self.name != "mixgrpo":
             return self.base_levels
-        w = self.cfg.window
-        window = window_transitions(step, self.sampling.num_steps, w.size, w.start, w.shift_every, w.stride)
         levels = torch.zeros_like(self.base_levels)
+        window = self.window(step)
         levels[window] = self.base_levels[window]
         return levels
+
+    def window(self, step: int) -> list[int]:
+        w = self.cfg.window
+        return window_transitions(step, self.sampling.num_steps, w.size, w.start, w.shift_every, w.stride)
+
+    def grid(self, step: int) -> tuple[torch.Tensor | None, int | None]:
+        """``(σ grid or None for the T-step one, first grid index of DPM-Solver++ steps or None)`` at ``step``:
+        MixGRPO-Flash's compressed tail and solver after the window; None, None for every other method."""
+        if self.name != "mixgrpo":
+            return None, None
+        w, window = self.cfg.window, self.window(step)
+        sigmas = None
+        if w.post_compress < 1 and window:
+            sigmas = compressed_grid(self.sampling.num_steps, self.sampling.shift, window[-1], w.post_compress)
+        return sigmas, (window[-1] + 1 if w.solver == "dpmsolver++" and window else None)
 
     def samples_per_update(self) -> int:
         return self.tcfg.samples_per_update or self.sampling.group_size * self.cfg.data.prompts_per_rank
@@ -181,9 +195,13 @@ class TrajectoryMethod:
         return self.sampling.group_size * self.cfg.data.prompts_per_rank // self.samples_per_update()
 
     def rollout(self, policy, embedding, generator, step, device):
-        return sde_trajectories(policy, embedding, self.sampling, self.levels(step), generator,
-                                self.tcfg.same_start_noise, dense=self.dense, order=self.sampling.order,
-                                device=device)
+        sigmas, dpm_from = self.grid(step)
+        levels = self.levels(step)
+        if sigmas is not None:
+            levels = levels[:len(sigmas) - 1]  # the compressed tail is deterministic
+        return sde_trajectories(policy, embedding, self.sampling, levels, generator, self.tcfg.same_start_noise,
+                                dense=self.dense, order=self.sampling.order, device=device, sigmas=sigmas,
+                                dpm_from=dpm_from)
 
     def score_latents(self, rollout) -> torch.Tensor:
         """The N final latents; DenseGRPO also the completions of ``x_0 .. x_{T-1}`` (``x_0``'s once when the

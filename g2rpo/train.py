@@ -42,8 +42,10 @@ def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
         sampling = (f"full trajectories, noise={t.noise}, timestep_fraction={t.timestep_fraction}, "
                     f"ignore_last={str(t.ignore_last).lower()}")
         if cfg.method == "mixgrpo":
-            sampling += f", SDE window {cfg.window.size} from {cfg.window.start}, +{cfg.window.stride} every " \
-                        f"{cfg.window.shift_every} steps"
+            w = cfg.window
+            sampling += f", SDE window {w.size} from {w.start}, +{w.stride} every {w.shift_every} steps"
+            if w.solver != "euler" or w.post_compress < 1:
+                sampling += f", then {w.solver} steps, tail x{w.post_compress} (MixGRPO-Flash)"
     lines = [
         f"world: {nnodes} node(s) x {nproc_per_node} process(es) = {world} rank(s), engine {cfg.engine.kind}",
         f"method: {cfg.method}",

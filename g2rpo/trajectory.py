@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from g2rpo.config import SamplingConfig
-from g2rpo.flow import ode_step, sde_step, sigma_schedule
+from g2rpo.flow import dpm_solver_step, ode_step, sde_step, shift_time, sigma_schedule
 from g2rpo.rollout import PromptEmbedding, VelocityField, packed_channels, start_noise
 
 
@@ -65,21 +65,40 @@ def _start_latents(generator: torch.Generator, channels: int, cfg: SamplingConfi
     return torch.cat([start_noise(generator, channels, cfg.height, cfg.width) for _ in range(cfg.group_size)])
 
 
+def compressed_grid(num_steps: int, shift: float, last: int, ratio: float) -> torch.Tensor:
+    """MixGRPO-Flash's grid: ``σ_0 .. σ_{last+1}`` of the T-step grid (through the window's last transition
+    ``last``), then its remaining ``T − last − 1`` steps compressed to ``n − 1`` with
+    ``n = max(⌊(T − last)·ratio⌋, 2)`` points evenly spaced in unshifted time from ``t_{last+1}`` to 0 (the
+    official floor is 1, which leaves a one-point tail that never reaches σ = 0). ``ratio = 1``: the T-step grid."""
+    points = max(int((num_steps - last) * ratio), 2)
+    t_start = 1 - (last + 1) / num_steps
+    tail = shift_time(torch.linspace(t_start, 0, points, dtype=torch.float64), shift).to(torch.float32)
+    return torch.cat([sigma_schedule(num_steps, shift)[:last + 1], tail])
+
+
 @torch.no_grad()
 def sde_trajectories(policy, embedding: PromptEmbedding, cfg: SamplingConfig, levels: torch.Tensor,
                      generator: torch.Generator, same_start_noise: bool = True, dense: bool = False,
                      order: str = "shared", compute_dtype: torch.dtype | None = None,
-                     device: torch.device | str | None = None) -> TrajectoryResult:
-    """Roll out ``cfg.group_size`` trajectories of ``cfg.num_steps`` transitions with noise levels ``levels [T]``."""
+                     device: torch.device | str | None = None, sigmas: torch.Tensor | None = None,
+                     dpm_from: int | None = None) -> TrajectoryResult:
+    """Roll out ``cfg.group_size`` trajectories with noise levels ``levels [T]``, on the T-step grid of ``cfg``
+    or on ``sigmas [T+1]`` (MixGRPO-Flash's `compressed_grid`). ``dpm_from``: the deterministic transitions
+    from that grid index on take DPM-Solver++(2M) steps (`g2rpo.flow.dpm_solver_step`; its history holds the
+    ``x̂0`` of every earlier step, the window's SDE steps included) instead of Euler steps."""
     device = torch.device(device) if device is not None else embedding.prompt_embeds.device
     embedding.validate(policy)
-    n, t = cfg.group_size, cfg.num_steps
+    grid = sigma_schedule(cfg.num_steps, cfg.shift) if sigmas is None else sigmas.float().cpu()
+    n, t = cfg.group_size, len(grid) - 1
     levels = torch.as_tensor(levels, dtype=torch.float32)
     if levels.shape != (t,) or (levels < 0).any():
-        raise ValueError(f"levels {tuple(levels.shape)}: need num_steps={t} noise levels, each >= 0")
+        raise ValueError(f"levels {tuple(levels.shape)}: need {t} noise levels (one per step of the grid), each >= 0")
     if order not in ("shared", "reference"):
         raise ValueError(f"order={order!r}: expected 'shared' or 'reference'")
-    sigmas = sigma_schedule(t, cfg.shift).to(device)
+    if dpm_from is not None and dense:
+        raise ValueError("dpm_from: the DPM-Solver++ steps are MixGRPO-Flash's; dense completions use Euler steps")
+    sigmas = grid.to(device)
+    host_sigmas = grid.tolist()  # the solver's coefficients, without a device sync per step
     start = _start_latents(generator, packed_channels(policy), cfg, same_start_noise)
     noise = torch.randn((t, *start.shape), generator=generator, dtype=torch.float32).to(device)
     start = start.to(device)
@@ -88,16 +107,21 @@ def sde_trajectories(policy, embedding: PromptEmbedding, cfg: SamplingConfig, le
     keep_velocities = dense and order == "shared"  # the completions' first steps reuse them
     latents, velocities = [start], []
     old_log_probs = torch.full((n, t), float("nan"), device=device)
+    prev_x0 = None
     for i in range(t):
         x = latents[-1]
         v = velocity(x, sigmas[i])
         if keep_velocities:
             velocities.append(v)
+        x0 = x - host_sigmas[i] * v.float() if dpm_from is not None else None
         if levels[i] > 0:
             x_next, _, log_prob = sde_step(v, x, sigmas, i, 0.0, noise=noise[i], level=levels[i].to(device))
             old_log_probs[:, i] = log_prob
+        elif dpm_from is not None and i >= dpm_from:
+            x_next = dpm_solver_step(x, x0, host_sigmas[i], host_sigmas[i + 1], prev_x0, host_sigmas[i - 1] if i else None)
         else:
             x_next = ode_step(v, x, sigmas, i)[0]
+        prev_x0 = x0
         latents.append(x_next)
     latents = torch.stack(latents, dim=1)
 
@@ -150,9 +174,10 @@ def _complete_batched(velocity: VelocityField, latents: torch.Tensor, velocities
 
 
 def expected_trajectory_cost(cfg: SamplingConfig, dense: bool, same_start_noise: bool = True,
-                             order: str = "shared") -> dict[str, int]:
-    """Closed-form transformer calls and sample-forwards of one group's `sde_trajectories`."""
-    t, n = cfg.num_steps, cfg.group_size
+                             order: str = "shared", steps: int | None = None) -> dict[str, int]:
+    """Closed-form transformer calls and sample-forwards of one group's `sde_trajectories` (``steps``: the
+    grid's, where it is not the T of ``cfg`` -- MixGRPO-Flash's compressed grid)."""
+    t, n = steps or cfg.num_steps, cfg.group_size
     chunks = -(-n // (cfg.micro_batch or n))
     calls, forwards = t * chunks, t * n
     if dense:

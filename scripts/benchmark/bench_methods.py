@@ -28,14 +28,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def closed_form(cfg) -> dict:
+def closed_form(cfg, method, step: int) -> dict:
+    """The rollout's closed-form cost at training ``step`` (MixGRPO-Flash's grid depends on the window)."""
     from g2rpo.rollout import expected_cost
     from g2rpo.trajectory import expected_trajectory_cost
 
     if cfg.method == "g2rpo":
         return expected_cost(cfg.sampling)
+    grid = method.grid(step)[0]
     return expected_trajectory_cost(cfg.sampling, dense=cfg.method == "densegrpo",
-                                    same_start_noise=cfg.trajectory.same_start_noise, order=cfg.sampling.order)
+                                    same_start_noise=cfg.trajectory.same_start_noise, order=cfg.sampling.order,
+                                    steps=None if grid is None else len(grid) - 1)
 
 
 def measure(path: Path, overrides: list[str], info) -> dict:
@@ -63,7 +66,7 @@ def measure(path: Path, overrides: list[str], info) -> dict:
         units = trainer.method.units(groups, [torch.zeros(shape) for _ in groups])
         forwards = sum(len(unit) for unit in units) // per_group
         transitions = sum(len(t) for g in groups for t in g.trained) // per_group
-    return {"method": cfg.method, "config": path.name, "closed": closed_form(cfg),
+    return {"method": cfg.method, "config": path.name, "closed": closed_form(cfg, trainer.method, 1),
             "calls": metrics["rollout_calls"] // per_group, "sample_forwards": metrics["sample_forwards"] // per_group,
             "decodes": decodes, "train_forwards": forwards, "transitions": transitions,
             "updates": trainer.method.updates_per_step(),
