@@ -163,13 +163,19 @@ class SamplingConfig:
 @dataclass
 class RewardSpec:
     name: str = "hps"
-    """reward model: hps | clip_score."""
-    weight: float = 1.0
-    """weight of this reward's advantage term in the MGAI sum (the reference uses 1)."""
+    """reward model that can train (g2rpo.reward_registry): hps | clip_score."""
+    weight: float | None = None
+    """weight of this reward's advantage term in the MGAI sum; unset: the registry's default (1, the reference's)."""
 
     def __post_init__(self):
-        if self.name not in ("hps", "clip_score"):
-            raise ValueError(f"rewards: name={self.name!r}: expected hps or clip_score")
+        from g2rpo.reward_registry import reward_entry
+
+        try:
+            entry = reward_entry(self.name, training=True)
+        except ValueError as exc:
+            raise ValueError(f"rewards: name={self.name!r}: {exc}") from None
+        if self.weight is None:
+            self.weight = entry.default_weight
 
 
 @dataclass
@@ -416,7 +422,9 @@ class TrainConfig:
     def __post_init__(self):
         _check_method_fields(self)
         if not self.rewards:
-            raise ValueError("rewards is empty: name at least one reward (hps, clip_score)")
+            from g2rpo.reward_registry import training_rewards
+
+            raise ValueError(f"rewards is empty: name at least one reward ({', '.join(training_rewards())})")
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rewards {names}: each reward may appear once")

@@ -31,9 +31,11 @@ import numpy as np
 import torch
 
 from g2rpo.io import atomic_write_text, write_png, write_png_grid
+from g2rpo.reward_registry import REWARDS
 
-# The paper's table columns, in order. ImageReward and UnifiedReward are not computed (see README).
-METRIC_COLUMNS = {"hps": "HPS-v2.1", "clip_score": "CLIP Score", "pickscore": "PickScore"}
+# The paper's table columns, in order (g2rpo.reward_registry). ImageReward and UnifiedReward are not computed
+# (see README).
+METRIC_COLUMNS = {name: entry.column for name, entry in REWARDS.items()}
 # Everything an evaluation writes into --out besides images/ (what --overwrite deletes).
 OUTPUT_FILES = ("fingerprint.json", "scores.jsonl", "summary.md", "summary.csv", "grid.png", "settings.json")
 
@@ -49,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=Path, required=True, help="UTF-8 prompt file, one per line")
     p.add_argument("--models-config", type=Path, default=Path("configs/models/flux_dev.yaml"),
                    help="where the reward models live (configs/models/*.yaml)")
-    p.add_argument("--metrics", default="hps,clip_score,pickscore", help="comma-separated: " + ",".join(METRIC_COLUMNS))
+    p.add_argument("--metrics", default=",".join(METRIC_COLUMNS), help="comma-separated: " + ",".join(METRIC_COLUMNS))
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--guidance", type=float, default=3.5)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from g2rpo.io import atomic_write_bytes, atomic_write_text, write_png_grid
+from g2rpo.reward_registry import REWARDS
 
 
 class MetricsLogger:
@@ -42,8 +43,7 @@ class MetricsLogger:
         for name in self.reward_names:
             key = f"eval_reward/{name}"
             if key in record:
-                file = "clip_reward.txt" if name == "clip_score" else f"{name}_reward.txt"
-                with open(self.out_dir / file, "a", encoding="utf-8") as f:
+                with open(self.out_dir / REWARDS[name].log_file, "a", encoding="utf-8") as f:
                     f.write(f"{step} {record[key]:.6f}\n")
 
     def truncate(self, step: int) -> None:

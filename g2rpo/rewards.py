@@ -241,21 +241,8 @@ def _features(output) -> torch.Tensor:
 
 
 def build_reward(name: str, models, device: str | torch.device = "cpu"):
-    """Reward model by name (``REWARD_NAMES``); ``models`` is a `ModelsConfig`. All have ``score(images, prompts)``.
+    """Reward model by name (g2rpo.reward_registry.REWARDS); ``models`` is a `ModelsConfig`. All have
+    ``score(images, prompts)``."""
+    from g2rpo.reward_registry import reward_entry
 
-    To add a metric (e.g. UnifiedReward, a VLM judge): implement ``score(images [B,3,H,W] in [0,1],
-    prompts) -> Tensor[B]``, add its paths to ``ModelsConfig`` and a branch here.
-    """
-    if name == "hps":
-        bundle = load_hps_model(models.hps.arch, models.hps.base_dir, models.hps.checkpoint, dtype=models.hps.dtype)
-        return OpenClipReward(bundle, device, resize_mode="longest_pad")
-    if name == "clip_score":
-        return OpenClipReward(load_clip_score_model(models.clip_score.path, dtype=models.clip_score.dtype), device)
-    if name == "pickscore":
-        return PickScoreReward(models.pickscore.model, models.pickscore.processor, device,
-                               dtype=models.pickscore.dtype)
-    raise ValueError(f"unknown reward {name!r}; available: {', '.join(REWARD_NAMES)}")
-
-
-REWARD_NAMES = ("hps", "clip_score", "pickscore")
-TRAINING_REWARDS = ("hps", "clip_score")  # scored on tensors, batched: usable inside the training step
+    return reward_entry(name).build(models, device)

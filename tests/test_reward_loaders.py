@@ -180,8 +180,32 @@ def test_scores_are_batch_invariant_and_validated(tiny_models):
         reward.score(images, prompts[:3])
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         reward.score(images[0], prompts[:1])
-    with pytest.raises(ValueError, match="unknown reward 'pick'"):
+    with pytest.raises(ValueError, match="reward 'pick': expected one of hps, clip_score, pickscore"):
         build_reward("pick", tiny_models)
+
+
+def test_one_reward_registry_names_every_reward_everywhere(tmp_path):
+    """g2rpo.reward_registry is the only table: the evaluation's columns, the training rewards the config
+    accepts (an evaluation-only one refused as such), their default weight and their log files."""
+    from g2rpo.config import RewardSpec
+    from g2rpo.evaluation import METRIC_COLUMNS
+    from g2rpo.metrics import MetricsLogger
+    from g2rpo.reward_registry import REWARDS, training_rewards
+
+    assert METRIC_COLUMNS == {"hps": "HPS-v2.1", "clip_score": "CLIP Score", "pickscore": "PickScore"}
+    assert training_rewards() == ["hps", "clip_score"] and list(METRIC_COLUMNS) == list(REWARDS)
+    assert RewardSpec("clip_score").weight == REWARDS["clip_score"].default_weight == 1.0
+    assert RewardSpec("hps", -1.0).weight == -1.0
+    with pytest.raises(ValueError, match=r"name='pickscore': reward 'pickscore' \(evaluation only: pickscore cannot "
+                                         r"score inside the training step\): expected one of hps, clip_score"):
+        RewardSpec("pickscore")
+    with pytest.raises(ValueError, match="name='hpsv3': reward 'hpsv3': expected one of hps, clip_score$"):
+        RewardSpec("hpsv3")
+    logger = MetricsLogger(tmp_path, ["hps", "clip_score"])
+    logger.log(0, {"eval_reward/hps": 0.25, "eval_reward/clip_score": 0.5})
+    logger.close()
+    assert (tmp_path / REWARDS["hps"].log_file).read_text() == "0 0.250000\n"
+    assert (tmp_path / "clip_reward.txt").read_text() == "0 0.500000\n"  # the reference's file name
 
 
 def test_loading_holds_one_state_dict_and_keeps_only_the_model(tiny_models, tmp_path):

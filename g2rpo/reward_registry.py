@@ -1,0 +1,77 @@
+"""The one table of reward models: every place that names a reward reads it from here.
+
+| name | evaluation column | training | per-step log (the reference's) | model config |
+|---|---|---|---|---|
+| ``hps`` | HPS-v2.1 | yes | ``hps_reward.txt`` | ``models.hps`` |
+| ``clip_score`` | CLIP Score | yes | ``clip_reward.txt`` | ``models.clip_score`` |
+| ``pickscore`` | PickScore | no (evaluation only: PIL preprocessing per image) | ``pickscore_reward.txt`` | ``models.pickscore`` |
+
+A reward is anything with ``score(images [B, 3, H, W] in [0, 1], prompts) -> Tensor[B]`` (`Reward`). To add one:
+a loader in g2rpo.rewards, its paths in ``ModelsConfig``, and a row here. This module imports no model
+library, so the config can check names without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+
+class Reward(Protocol):
+    def score(self, images, prompts: list[str]):  # images: Tensor [B, 3, H, W] in [0, 1] -> Tensor [B]
+        ...
+
+
+@dataclass(frozen=True)
+class RewardEntry:
+    name: str
+    column: str
+    """header of the evaluation table (the paper's)."""
+    trains: bool
+    """scored on tensors, batched: usable inside the training step (otherwise evaluation only)."""
+    log_file: str
+    """the reference's per-step text log of the anchor sample's reward, under output_dir."""
+    build: Callable[..., Reward]
+    """``build(models: ModelsConfig, device) -> Reward``."""
+    default_weight: float = 1.0
+    """its weight in the MGAI / advantage sum when a config names it without one."""
+
+
+def _hps(models, device):
+    from g2rpo.rewards import OpenClipReward, load_hps_model
+
+    bundle = load_hps_model(models.hps.arch, models.hps.base_dir, models.hps.checkpoint, dtype=models.hps.dtype)
+    return OpenClipReward(bundle, device, resize_mode="longest_pad")
+
+
+def _clip_score(models, device):
+    from g2rpo.rewards import OpenClipReward, load_clip_score_model
+
+    return OpenClipReward(load_clip_score_model(models.clip_score.path, dtype=models.clip_score.dtype), device)
+
+
+def _pickscore(models, device):
+    from g2rpo.rewards import PickScoreReward
+
+    return PickScoreReward(models.pickscore.model, models.pickscore.processor, device, dtype=models.pickscore.dtype)
+
+
+REWARDS: dict[str, RewardEntry] = {entry.name: entry for entry in (
+    RewardEntry("hps", "HPS-v2.1", trains=True, log_file="hps_reward.txt", build=_hps),
+    RewardEntry("clip_score", "CLIP Score", trains=True, log_file="clip_reward.txt", build=_clip_score),
+    RewardEntry("pickscore", "PickScore", trains=False, log_file="pickscore_reward.txt", build=_pickscore),
+)}
+
+
+def reward_entry(name: str, training: bool = False) -> RewardEntry:
+    """The entry of ``name``; a clear error naming the choices (``training``: only rewards that can train)."""
+    entry = REWARDS.get(name)
+    if entry is None or (training and not entry.trains):
+        choices = [n for n, e in REWARDS.items() if e.trains or not training]
+        why = f" (evaluation only: {name} cannot score inside the training step)" if entry is not None else ""
+        raise ValueError(f"reward {name!r}{why}: expected one of {', '.join(choices)}")
+    return entry
+
+
+def training_rewards() -> list[str]:
+    return [name for name, entry in REWARDS.items() if entry.trains]
