@@ -57,9 +57,18 @@ class HPSModelConfig:
     dtype: str = "float16"
     """dtype the model is built and scored in: float32 | bfloat16 | float16 (the reference scores under fp16
     autocast)."""
+    preprocess: str = "tensor"
+    """tensor (batched resize of the float images on the device) | faithful (the official trainer's sequence:
+    uint8 -> PIL -> hpsv2's preprocess_val -> fp16 autocast; with dtype float32 it equals it)."""
 
     def __post_init__(self):
         _check_dtype("hps.dtype", self.dtype)
+        _check_preprocess("hps.preprocess", self.preprocess)
+
+
+def _check_preprocess(field_name: str, value: str) -> None:
+    if value not in ("tensor", "faithful"):
+        raise ValueError(f"models.{field_name}={value!r}: expected tensor or faithful")
 
 
 @dataclass
@@ -68,9 +77,12 @@ class ClipScoreModelConfig:
     """open_clip folder (open_clip_config.json + weights) of DFN5B-CLIP-ViT-H-14."""
     dtype: str = "float16"
     """dtype the model is built and scored in: float32 | bfloat16 | float16."""
+    preprocess: str = "tensor"
+    """tensor | faithful (the official sequence: uint8 -> PIL -> open_clip's transform -> fp16 autocast)."""
 
     def __post_init__(self):
         _check_dtype("clip_score.dtype", self.dtype)
+        _check_preprocess("clip_score.preprocess", self.preprocess)
 
 
 @dataclass

@@ -41,13 +41,14 @@ def _hps(models, device):
     from g2rpo.rewards import OpenClipReward, load_hps_model
 
     bundle = load_hps_model(models.hps.arch, models.hps.base_dir, models.hps.checkpoint, dtype=models.hps.dtype)
-    return OpenClipReward(bundle, device, resize_mode="longest_pad")
+    return OpenClipReward(bundle, device, resize_mode="longest_pad", preprocess=models.hps.preprocess)
 
 
 def _clip_score(models, device):
     from g2rpo.rewards import OpenClipReward, load_clip_score_model
 
-    return OpenClipReward(load_clip_score_model(models.clip_score.path, dtype=models.clip_score.dtype), device)
+    return OpenClipReward(load_clip_score_model(models.clip_score.path, dtype=models.clip_score.dtype), device,
+                          preprocess=models.clip_score.preprocess)
 
 
 def _pickscore(models, device):

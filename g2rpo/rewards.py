@@ -28,6 +28,10 @@ import torch.nn.functional as F
 
 from g2rpo.io import load_state_dict_file
 
+PREPROCESS_MODES = ("tensor", "faithful")
+"""how OpenClipReward prepares images: tensor (resize on the float tensor, batched, on the device; fp32
+features) | faithful (the official trainer's uint8 -> PIL -> model transform -> fp16 autocast sequence)."""
+
 # Base-weight files of an open_clip Hub folder, in order of preference (safetensors first).
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                           "open_clip_pytorch_model.bin")
@@ -139,13 +143,22 @@ class OpenClipReward:
     * ``resize_mode="shortest_crop"`` (open_clip's): bicubic resize of the shorter side, centre crop.
 
     Both are the identity on the aspect ratio for square images (the training resolution).
+
+    ``preprocess="faithful"`` scores as the official trainer does instead: the image quantised to uint8 (its
+    ``VaeImageProcessor.postprocess`` to PIL), the model's own transform on that PIL image (hpsv2's
+    ``preprocess_val``, open_clip's), features and the cosine computed under fp16 autocast (``image_features @
+    text_features.T``, its diagonal). With fp32 weights (``models.<reward>.dtype: float32``, the official
+    ``precision='amp'``) it equals the official sequence; it costs a host round trip per image.
     """
 
     def __init__(self, bundle: OpenClipBundle, device: str | torch.device = "cpu", batch_size: int = 32,
-                 resize_mode: str = "shortest_crop"):
+                 resize_mode: str = "shortest_crop", preprocess: str = "tensor"):
         if resize_mode not in ("shortest_crop", "longest_pad"):
             raise ValueError(f"resize_mode={resize_mode!r}: expected 'shortest_crop' or 'longest_pad'")
-        self.resize_mode = resize_mode
+        if preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess={preprocess!r}: expected one of {', '.join(PREPROCESS_MODES)}")
+        self.resize_mode, self.faithful = resize_mode, preprocess == "faithful"
+        self.transform = bundle.preprocess
         self.model = bundle.model.to(device).eval().requires_grad_(False)
         self.dtype = next(self.model.parameters()).dtype  # the pixels are cast to it; features compared in fp32
         self.tokenizer = bundle.tokenizer
@@ -186,12 +199,25 @@ class OpenClipReward:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         scores = []
         for start in range(0, len(prompts), self.batch_size):
-            pixels = self.preprocess(images[start:start + self.batch_size])
             tokens = self.tokenizer(list(prompts[start:start + self.batch_size])).to(self.device)
+            if self.faithful:
+                scores.append(self._score_faithfully(images[start:start + self.batch_size], tokens))
+                continue
+            pixels = self.preprocess(images[start:start + self.batch_size])
             image_features = F.normalize(self.model.encode_image(pixels.to(self.dtype)).float(), dim=-1)
             text_features = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
             scores.append((image_features * text_features).sum(dim=-1))
         return torch.cat(scores)
+
+    def _score_faithfully(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        quantised = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        pixels = torch.stack([self.transform(Image.fromarray(image.permute(1, 2, 0).numpy())) for image in quantised])
+        with torch.autocast(self.device.type, dtype=torch.float16):
+            image_features = self.model.encode_image(pixels.to(self.device), normalize=True)
+            text_features = self.model.encode_text(tokens, normalize=True)
+            return (image_features @ text_features.T).diagonal().float()
 
 
 class PickScoreReward:

@@ -34,7 +34,8 @@ def test_tiny_yaml_differs_only_in_paths_arch_and_dtypes():
     for section in ("flux", "hps", "clip_score", "pickscore"):
         assert tiny[section]["dtype"] == "float32"  # CPU: fp32; FLUX.1-dev and the reward models: half precision
         assert real[section]["dtype"] in ("bfloat16", "float16")
-        paths = {k: v for k, v in tiny[section].items() if k not in ("arch", "dtype")}
+        assert tiny[section].get("preprocess") == real[section].get("preprocess")  # the same scoring path
+        paths = {k: v for k, v in tiny[section].items() if k not in ("arch", "dtype", "preprocess")}
         assert paths and all(str(v).startswith("ckpt/tiny/") for v in paths.values()), section
 
 

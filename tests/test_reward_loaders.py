@@ -146,6 +146,53 @@ def _images(n, size=(3, 96, 128), seed=0):
 
 
 @pytest.mark.parametrize("name", ["hps", "clip_score"])
+def test_faithful_scores_equal_the_official_sequence(tiny_models, name, tmp_path):
+    """models.<reward>.preprocess=faithful (fp32 weights) equals a transcription of the official trainer's
+    scoring: the decoded tensor through diffusers' VaeImageProcessor.postprocess to PIL, saved as PNG and
+    reopened (DanceGRPO's files; lossless), the model's own transform, batch 1, the forward and the cosine
+    under fp16 autocast. It differs from the tensor path by more than rounding (uint8, fp16)."""
+    import dataclasses
+
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from g2rpo.rewards import build_reward, load_clip_score_model, load_hps_model
+
+    decoded = _images(3, seed=2) * 2 - 1  # the VAE's output range
+    images = (decoded / 2 + 0.5).clamp(0, 1)  # what g2rpo.models.decode_latents hands the rewards
+    prompts = ["a cat on a sofa", "a red car", "mountains at dawn"]
+    section = dataclasses.replace(getattr(tiny_models, name), preprocess="faithful", dtype="float32")
+    models = dataclasses.replace(tiny_models, **{name: section})
+    faithful = build_reward(name, models).score(images, prompts)
+
+    if name == "hps":
+        h = tiny_models.hps
+        bundle = load_hps_model(h.arch, h.base_dir, h.checkpoint, dtype="float32")
+    else:
+        bundle = load_clip_score_model(tiny_models.clip_score.path, dtype="float32")
+    official = []
+    for i, pil in enumerate(VaeImageProcessor().postprocess(decoded, output_type="pil")):
+        pil.save(tmp_path / f"{i}.png")
+        image = bundle.preprocess(Image.open(tmp_path / f"{i}.png")).unsqueeze(0)
+        text = bundle.tokenizer([prompts[i]])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            if name == "hps":
+                outputs = bundle.model(image, text)
+                score = torch.diagonal(outputs["image_features"] @ outputs["text_features"].T)
+            else:
+                features = torch.nn.functional.normalize(bundle.model.encode_image(image), dim=-1)
+                text_features = torch.nn.functional.normalize(bundle.model.encode_text(text), dim=-1)
+                score = (features @ text_features.T)[0]
+        official.append(score.float())
+    official = torch.cat(official)
+    singles = torch.cat([build_reward(name, models).score(images[i:i + 1], prompts[i:i + 1]) for i in range(3)])
+    assert torch.equal(singles, official), (singles, official)
+    torch.testing.assert_close(faithful, official, atol=2e-3, rtol=0)  # batched: fp16 GEMMs of another shape
+    tensor_path = build_reward(name, dataclasses.replace(models, **{name: dataclasses.replace(section, preprocess="tensor")}))
+    assert (tensor_path.score(images, prompts) - official).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("name", ["hps", "clip_score"])
 def test_tensor_scores_equal_the_models_own_pil_preprocessing(tiny_models, name):
     """score() on tensors vs the model's PIL transform on the same (uint8-rounded) images."""
     from g2rpo.rewards import build_reward
