@@ -101,8 +101,8 @@ def test_memory_benchmark_smoke_run(tiny_models, tmp_path):
     models = tmp_path / "models.yaml"
     models.write_text(yaml.safe_dump({
         "hps": {"arch": tiny_models.hps.arch, "base_dir": tiny_models.hps.base_dir,
-                "checkpoint": tiny_models.hps.checkpoint, "dtype": "float32"},
-        "clip_score": {"path": tiny_models.clip_score.path, "dtype": "float32"}}))
+                "checkpoint": tiny_models.hps.checkpoint, "dtype": "float32", "preprocess": "tensor"},
+        "clip_score": {"path": tiny_models.clip_score.path, "dtype": "float32", "preprocess": "tensor"}}))
     out = tmp_path / "memory.json"
     cmd = [*TORCHRUN, str(ROOT / "scripts/benchmark/bench_memory.py"), "--pipeline", tiny_models.flux.path,
            "--models-config", str(models), "--workdir", str(tmp_path / "work"), "--json", str(out)]
