@@ -81,6 +81,32 @@ def summarize(records: list[dict], metrics: list[str]) -> list[dict]:
     return rows
 
 
+# The G²RPO paper's table (HPDv2's 400 test prompts, FLUX.1-dev; ../shared/METHODS.md), in its units.
+PAPER_COLUMNS = ("HPS-v2.1", "CLIP Score", "PickScore", "ImageReward", "UnifiedReward")
+PAPER_ROWS = {
+    "FLUX.1-dev": (0.305, 0.388, 0.226, 1.040, 3.621),
+    "DanceGRPO (HPS)": (0.353, 0.375, 0.228, 1.233, 3.548),
+    "MixGRPO (HPS)": (0.378, 0.358, 0.225, 1.266, 3.421),
+    "G²RPO (HPS)": (0.385, 0.355, 0.229, 1.313, 3.487),
+    "DanceGRPO (HPS + CLIP)": (0.331, 0.389, 0.227, 1.128, 3.569),
+    "MixGRPO (HPS + CLIP)": (0.363, 0.399, 0.230, 1.436, 3.661),
+    "G²RPO (HPS + CLIP)": (0.376, 0.406, 0.235, 1.483, 3.783),
+}
+
+
+def paper_comparison_markdown(rows: list[dict], label: str = "this evaluation") -> str:
+    """The paper's rows and ours below them, in the paper's columns and units (`RewardEntry.paper_scale`);
+    a metric we did not compute is "–"."""
+    ours = {}
+    for row in rows:
+        name = next(n for n, column in METRIC_COLUMNS.items() if column == row["metric"])
+        ours[row["metric"]] = row["mean"] * REWARDS[name].paper_scale
+    lines = ["| | " + " | ".join(PAPER_COLUMNS) + " |", "|---|" + "---|" * len(PAPER_COLUMNS)]
+    lines += [f"| {method} (paper) | " + " | ".join(f"{v:.3f}" for v in values) + " |" for method, values in PAPER_ROWS.items()]
+    lines.append(f"| {label} | " + " | ".join(f"{ours[c]:.3f}" if c in ours else "–" for c in PAPER_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_markdown(rows: list[dict]) -> str:
     header = "| " + " | ".join(r["metric"] for r in rows) + " |"
     rule = "|" + "---|" * len(rows)
@@ -224,7 +250,9 @@ def evaluate(argv=None) -> None:
                         key=lambda r: r["index"])
         atomic_write_text(args.out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in merged))
         rows = summarize(merged, args.metrics)
-        atomic_write_text(args.out / "summary.md", summary_markdown(rows))
+        summary = (summary_markdown(rows) + "\nBeside the paper's table (HPDv2's test prompts, FLUX.1-dev; PickScore / 100 "
+                   "as the paper prints it):\n\n" + paper_comparison_markdown(rows, f"this evaluation ({args.out.name})"))
+        atomic_write_text(args.out / "summary.md", summary)
         atomic_write_text(args.out / "summary.csv", summary_csv(rows))
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         atomic_write_text(args.out / "settings.json", json.dumps({**settings, "world_size": info.world_size,
@@ -232,5 +260,5 @@ def evaluate(argv=None) -> None:
         write_png_grid(args.out / "grid.png", torch.cat([_load_png(args.out / r["image"]) for r in merged[:16]]))
         for part in parts:
             part.unlink()
-        print0(f"\n{args.out}: {len(merged)} images\n\n{summary_markdown(rows)}")
+        print0(f"\n{args.out}: {len(merged)} images\n\n{summary}")
 

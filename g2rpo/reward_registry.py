@@ -35,6 +35,8 @@ class RewardEntry:
     """``build(models: ModelsConfig, device) -> Reward``."""
     default_weight: float = 1.0
     """its weight in the MGAI / advantage sum when a config names it without one."""
+    paper_scale: float = 1.0
+    """factor from our score to the G²RPO paper's table units (PickScore: the paper prints logit_scale·cos / 100)."""
 
 
 def _hps(models, device):
@@ -60,7 +62,8 @@ def _pickscore(models, device):
 REWARDS: dict[str, RewardEntry] = {entry.name: entry for entry in (
     RewardEntry("hps", "HPS-v2.1", trains=True, log_file="hps_reward.txt", build=_hps),
     RewardEntry("clip_score", "CLIP Score", trains=True, log_file="clip_reward.txt", build=_clip_score),
-    RewardEntry("pickscore", "PickScore", trains=False, log_file="pickscore_reward.txt", build=_pickscore),
+    RewardEntry("pickscore", "PickScore", trains=False, log_file="pickscore_reward.txt", build=_pickscore,
+                paper_scale=0.01),
 )}
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from g2rpo.evaluation import METRIC_COLUMNS, EvaluationError, parse_args, prepare_out, summarize, summary_markdown
+from g2rpo.evaluation import (METRIC_COLUMNS, EvaluationError, paper_comparison_markdown, parse_args, prepare_out,
+                              summarize, summary_markdown)
 from g2rpo.fingerprint import read_fingerprint
 from g2rpo.rewards import build_reward
 
@@ -198,6 +199,11 @@ def test_summary_table():
     assert [r["metric"] for r in rows] == ["HPS-v2.1", "PickScore"]  # the paper's order, not the argument's
     assert rows[0]["mean"] == pytest.approx(0.3) and rows[0]["std"] == pytest.approx(0.1414213, rel=1e-6)
     assert summary_markdown(rows).splitlines()[2] == "| 0.3000 ± 0.1414 (n=2) | 21.0000 ± 1.4142 (n=2) |"
+    comparison = paper_comparison_markdown(rows, "ours").splitlines()
+    assert comparison[0] == "| | HPS-v2.1 | CLIP Score | PickScore | ImageReward | UnifiedReward |"
+    assert comparison[2] == "| FLUX.1-dev (paper) | 0.305 | 0.388 | 0.226 | 1.040 | 3.621 |"  # METHODS.md's row
+    assert comparison[8] == "| G²RPO (HPS + CLIP) (paper) | 0.376 | 0.406 | 0.235 | 1.483 | 3.783 |"
+    assert comparison[-1] == "| ours | 0.300 | – | 0.210 | – | – |"  # PickScore in the paper's units (/ 100)
 
 
 def test_pickscore_is_batch_invariant_and_logit_scaled(tiny_models):
