@@ -54,6 +54,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   # hpsv2 pins pytest 7 and protobuf 3.20, which break the rest: install it without its dependencies
   # (requirements.txt carries the ones it needs), and add the BPE vocabulary its wheel forgets.
   quiet_pip install -q --no-deps hpsv2==1.2.0 clint==0.5.1
+  # ImageReward's package pins timm 0.6 and fairscale and does not import on transformers 5: g2rpo scores it
+  # on transformers' BLIP classes (g2rpo/image_reward.py); its own code, without its pins, is the tests' reference.
+  quiet_pip install -q --no-deps image-reward==1.5
   cp -n "$SITE/open_clip/bpe_simple_vocab_16e6.txt.gz" "$SITE/hpsv2/src/open_clip/" 2>/dev/null || true
   [ -f "$SITE/hpsv2/src/open_clip/bpe_simple_vocab_16e6.txt.gz" ] || die "could not place hpsv2's BPE vocabulary"
 

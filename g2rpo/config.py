@@ -100,11 +100,27 @@ class PickScoreModelConfig:
 
 
 @dataclass
+class ImageRewardModelConfig:
+    checkpoint: str = "ckpt/imagereward/ImageReward.pt"
+    """THUDM/ImageReward's released state dict (evaluation only; g2rpo.image_reward)."""
+    med_config: str = "ckpt/imagereward/med_config.json"
+    """its text encoder's BERT config."""
+    tokenizer: str = "ckpt/bert-base-uncased"
+    """folder with google-bert/bert-base-uncased's vocab.txt (BLIP adds its two tokens)."""
+    dtype: str = "float32"
+    """dtype the model is built in (the package scores in fp32)."""
+
+    def __post_init__(self):
+        _check_dtype("imagereward.dtype", self.dtype)
+
+
+@dataclass
 class ModelsConfig:
     flux: FluxModelConfig = field(default_factory=FluxModelConfig)
     hps: HPSModelConfig = field(default_factory=HPSModelConfig)
     clip_score: ClipScoreModelConfig = field(default_factory=ClipScoreModelConfig)
     pickscore: PickScoreModelConfig = field(default_factory=PickScoreModelConfig)
+    imagereward: ImageRewardModelConfig = field(default_factory=ImageRewardModelConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,6 +537,7 @@ RESUME_MAY_CHANGE = (
     "sampling.order", "sampling.micro_batch", "trajectory.micro_batch",
     "data.index",  # the path; the content is compared on its own (g2rpo.checkpoint)
     "models.flux.path", "models.hps.base_dir", "models.hps.checkpoint", "models.clip_score.path", "models.pickscore.",
+    "models.imagereward.",
 )
 
 

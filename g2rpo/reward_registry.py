@@ -5,6 +5,7 @@
 | ``hps`` | HPS-v2.1 | yes | ``hps_reward.txt`` | ``models.hps`` |
 | ``clip_score`` | CLIP Score | yes | ``clip_reward.txt`` | ``models.clip_score`` |
 | ``pickscore`` | PickScore | no (evaluation only: PIL preprocessing per image) | ``pickscore_reward.txt`` | ``models.pickscore`` |
+| ``imagereward`` | ImageReward | no (evaluation only) | ``imagereward_reward.txt`` | ``models.imagereward`` |
 
 A reward is anything with ``score(images [B, 3, H, W] in [0, 1], prompts) -> Tensor[B]`` (`Reward`). To add one:
 a loader in g2rpo.rewards, its paths in ``ModelsConfig``, and a row here. This module imports no model
@@ -59,11 +60,20 @@ def _pickscore(models, device):
     return PickScoreReward(models.pickscore.model, models.pickscore.processor, device, dtype=models.pickscore.dtype)
 
 
+def _imagereward(models, device):
+    from g2rpo.image_reward import load_image_reward
+    from g2rpo.models import resolve_dtype
+
+    m = models.imagereward
+    return load_image_reward(m.checkpoint, m.med_config, m.tokenizer, device, resolve_dtype(m.dtype))
+
+
 REWARDS: dict[str, RewardEntry] = {entry.name: entry for entry in (
     RewardEntry("hps", "HPS-v2.1", trains=True, log_file="hps_reward.txt", build=_hps),
     RewardEntry("clip_score", "CLIP Score", trains=True, log_file="clip_reward.txt", build=_clip_score),
     RewardEntry("pickscore", "PickScore", trains=False, log_file="pickscore_reward.txt", build=_pickscore,
                 paper_scale=0.01),
+    RewardEntry("imagereward", "ImageReward", trains=False, log_file="imagereward_reward.txt", build=_imagereward),
 )}
 
 

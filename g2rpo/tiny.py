@@ -314,13 +314,50 @@ def write_pickscore_folder(directory: Path, seed: int) -> None:
         processor.save_pretrained(tmp)
 
 
+def _tiny_bert_vocab() -> list[str]:
+    """A WordPiece vocabulary small enough for a tiny model, large enough to tokenise any lowercase prompt."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    words = ["a", "the", "of", "and", "in", "on", "with", "cat", "dog", "red", "car", "at", "photo"]
+    return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(".,!?'-:;()\"") + list(dict.fromkeys(words + letters))
+            + [f"##{c}" for c in letters])
+
+
+def write_image_reward_folder(directory: Path, seed: int) -> None:
+    """ImageReward's released layout at tiny size: ``ImageReward.pt`` (BLIP ViT, text encoder and head in the
+    package's names), ``med_config.json`` and a BERT ``tokenizer/`` folder."""
+    from transformers import BertTokenizer
+
+    from g2rpo.image_reward import ImageRewardModel, blip_vision_config, text_config, to_released_names
+
+    with atomic_directory(directory) as tmp:
+        (tmp / "tokenizer").mkdir()
+        (tmp / "tokenizer" / "vocab.txt").write_text("\n".join(_tiny_bert_vocab()) + "\n")
+        BertTokenizer(str(tmp / "tokenizer" / "vocab.txt"), do_lower_case=True).save_pretrained(tmp / "tokenizer")
+        med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+               "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+               "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 4,
+               "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(_tiny_bert_vocab()) + 2,
+               "encoder_width": 128, "add_cross_attention": True}
+        (tmp / "med_config.json").write_text(json.dumps(med, indent=2) + "\n")
+        torch.manual_seed(seed)
+        vision = blip_vision_config(width=128, depth=2, intermediate=512, patch=16, image_size=64)  # 2 heads of 64, MLP x4
+        model = ImageRewardModel(vision, text_config(med, 128), [(16, 32), (8, 16), (8, 8), (4, 8), (1, 4)])
+        with torch.no_grad():  # no parameter at its constant init (LayerNorms at 1 and 0 would hide a mix-up of two)
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        buffer = io.BytesIO()
+        torch.save(to_released_names(model.eval()), buffer)
+        atomic_write_bytes(tmp / "ImageReward.pt", buffer.getvalue())
+
+
 # --------------------------------------------------------------------------------------------
 # Everything
 # --------------------------------------------------------------------------------------------
 
 
 def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int = 0, force: bool = False) -> dict:
-    """Write ``flux/``, ``hps/``, ``clip_score/`` and ``pickscore/`` under ``out_dir``; skip existing parts.
+    """Write ``flux/``, ``hps/``, ``clip_score/``, ``pickscore/`` and ``imagereward/`` under ``out_dir``; skip
+    existing parts.
 
     Each part is built in a temporary directory and renamed into place, so an interrupted run never
     leaves a half-written checkpoint behind. Returns ``{part: path}``.
@@ -332,6 +369,7 @@ def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int 
         "hps": lambda d: write_hps_folder(d, seed + 10),
         "clip_score": lambda d: write_open_clip_folder(build_tiny_open_clip(seed + 20), d),
         "pickscore": lambda d: write_pickscore_folder(d, seed + 30),
+        "imagereward": lambda d: write_image_reward_folder(d, seed + 40),
     }
     written = {}
     for name, build in parts.items():

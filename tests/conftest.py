@@ -69,7 +69,8 @@ def tiny_models(tiny_ckpt) -> ModelsConfig:
     config = load_config(ModelsConfig, ROOT / "configs" / "models" / "tiny.yaml")
     overrides = []
     for section, key in (("flux", "path"), ("hps", "base_dir"), ("hps", "checkpoint"), ("clip_score", "path"),
-                         ("pickscore", "model"), ("pickscore", "processor")):
+                         ("pickscore", "model"), ("pickscore", "processor"), ("imagereward", "checkpoint"),
+                         ("imagereward", "med_config"), ("imagereward", "tokenizer")):
         value = getattr(getattr(config, section), key)
         assert value.startswith("ckpt/tiny/"), f"tiny.yaml {section}.{key} should live under ckpt/tiny/"
         overrides.append(f"{section}.{key}={tiny_ckpt / value.removeprefix('ckpt/tiny/')}")

@@ -33,8 +33,9 @@ def test_tiny_yaml_differs_only_in_paths_arch_and_dtypes():
     assert tiny["hps"]["arch"] != real["hps"]["arch"]
     # the GPU dtypes: FLUX.1-dev in bf16; HPS and the CLIP score fp32 weights scored faithfully (the official
     # sequence; on the CPU the batched tensor path); PickScore in half precision
-    real_dtypes = {"flux": "bfloat16", "hps": "float32", "clip_score": "float32", "pickscore": "float16"}
-    for section in ("flux", "hps", "clip_score", "pickscore"):
+    real_dtypes = {"flux": "bfloat16", "hps": "float32", "clip_score": "float32", "pickscore": "float16",
+                   "imagereward": "float32"}
+    for section in real_dtypes:
         assert tiny[section]["dtype"] == "float32" and real[section]["dtype"] == real_dtypes[section]
         assert (tiny[section].get("preprocess"), real[section].get("preprocess")) in ((None, None),
                                                                                     ("tensor", "faithful"))

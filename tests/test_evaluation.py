@@ -85,14 +85,14 @@ def test_eval_script_end_to_end(tiny_models, tiny_pipeline, models_yaml, prompts
 
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["metric"] for r in rows] == ["HPS-v2.1", "CLIP Score", "PickScore"]
+    assert [r["metric"] for r in rows] == ["HPS-v2.1", "CLIP Score", "PickScore", "ImageReward"]
     for row, name in zip(rows, METRIC_COLUMNS):
         values = np.array([r[name] for r in records])
         assert int(row["n"]) == 5
         assert float(row["mean"]) == pytest.approx(values.mean(), rel=1e-6)
         assert float(row["std"]) == pytest.approx(values.std(ddof=1), rel=1e-6)
     table = (out / "summary.md").read_text()
-    assert table.splitlines()[0] == "| HPS-v2.1 | CLIP Score | PickScore |" and table in result.stdout
+    assert table.splitlines()[0] == "| HPS-v2.1 | CLIP Score | PickScore | ImageReward |" and table in result.stdout
     assert (out / "grid.png").is_file() and not list(out.glob(".scores.rank*"))
 
     assert (out / "scores.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in records)
@@ -223,9 +223,9 @@ def test_eval_rejects_bad_prompt_files_and_metrics(tiny_models, models_yaml, tmp
            "--prompts", str(bad), "--models-config", str(models_yaml), "--out", str(tmp_path / "o")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "bad.txt:2: not valid UTF-8" in result.stderr
-    result = subprocess.run(cmd[:-4] + ["--metrics", "hps,imagereward", "--out", str(tmp_path / "o")], cwd=ROOT,
+    result = subprocess.run(cmd[:-4] + ["--metrics", "hps,unifiedreward", "--out", str(tmp_path / "o")], cwd=ROOT,
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "imagereward" in result.stderr
+    assert result.returncode == 2 and "unifiedreward" in result.stderr and "imagereward" in result.stderr  # the choices
 
 
 def test_pickscore_missing_folder_is_named(tiny_models, tmp_path):

@@ -1,6 +1,7 @@
 """HPS-v2.1 and CLIP-score loaders on the tiny checkpoints (same code as for ViT-H-14)."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,7 +228,7 @@ def test_scores_are_batch_invariant_and_validated(tiny_models):
         reward.score(images, prompts[:3])
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         reward.score(images[0], prompts[:1])
-    with pytest.raises(ValueError, match="reward 'pick': expected one of hps, clip_score, pickscore"):
+    with pytest.raises(ValueError, match="reward 'pick': expected one of hps, clip_score, pickscore, imagereward"):
         build_reward("pick", tiny_models)
 
 
@@ -239,7 +240,8 @@ def test_one_reward_registry_names_every_reward_everywhere(tmp_path):
     from g2rpo.metrics import MetricsLogger
     from g2rpo.reward_registry import REWARDS, training_rewards
 
-    assert METRIC_COLUMNS == {"hps": "HPS-v2.1", "clip_score": "CLIP Score", "pickscore": "PickScore"}
+    assert METRIC_COLUMNS == {"hps": "HPS-v2.1", "clip_score": "CLIP Score", "pickscore": "PickScore",
+                              "imagereward": "ImageReward"}
     assert training_rewards() == ["hps", "clip_score"] and list(METRIC_COLUMNS) == list(REWARDS)
     assert RewardSpec("clip_score").weight == REWARDS["clip_score"].default_weight == 1.0
     assert RewardSpec("hps", -1.0).weight == -1.0
@@ -288,3 +290,94 @@ def test_loading_holds_one_state_dict_and_keeps_only_the_model(tiny_models, tmp_
     assert phase["peak_rss_increase_gb"] * 1e9 < 1.25 * 6 * params, phase  # measured: 423 MB for 6 B/param = 390 MB
     assert (phase["rss_after_gb"] - phase["rss_before_gb"]) * 1e9 < 1.3 * 2 * params, phase  # the bf16 model
     assert next(bundle.model.parameters()).dtype == torch.bfloat16
+
+
+def _image_reward_package():
+    """ImageReward's own BLIP code (the image-reward wheel env_setup.sh installs without its pins), importable
+    on our versions: its package __init__ (which needs OpenAI's clip) is skipped, and the few transformers 4 /
+    timm 0.6 / fairscale names it imports are given back -- no line of its model code is changed."""
+    import importlib.util
+    import sys
+    import types
+
+    import transformers.modeling_utils as modeling_utils
+    import transformers.pytorch_utils as pytorch_utils
+
+    spec = importlib.util.find_spec("ImageReward")
+    if spec is None:
+        pytest.fail("the image-reward package is missing: run bash env_setup.sh")
+    blip_dir = Path(spec.submodule_search_locations[0]) / "models" / "BLIP"
+    for name in ("apply_chunking_to_forward", "prune_linear_layer"):
+        setattr(modeling_utils, name, getattr(modeling_utils, name, None) or getattr(pytorch_utils, name))
+    modeling_utils.find_pruneable_heads_and_indices = getattr(modeling_utils, "find_pruneable_heads_and_indices", None)
+    stubs = {"fairscale": {}, "fairscale.nn": {}, "fairscale.nn.checkpoint": {},
+             "fairscale.nn.checkpoint.checkpoint_activations": {"checkpoint_wrapper": lambda module, **kw: module},
+             "timm.models.hub": {"download_cached_file": None}}
+    for name, attributes in stubs.items():
+        if name not in sys.modules:
+            sys.modules[name] = types.ModuleType(name)
+            vars(sys.modules[name]).update(attributes)
+    package = types.ModuleType("_image_reward_blip")
+    package.__path__ = [str(blip_dir)]
+    sys.modules["_image_reward_blip"] = package
+    import _image_reward_blip.med as med
+    import _image_reward_blip.vit as vit
+
+    # transformers 5 dropped these ModuleUtilsMixin helpers that its BertModel calls; their v4 definitions
+    med.BertModel.invert_attention_mask = lambda self, mask: (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    med.BertModel.get_head_mask = lambda self, head_mask, layers: [None] * layers
+    med.BertPreTrainedModel.post_init = lambda self: None  # weights come from the file
+    med.BertPreTrainedModel.init_weights = lambda self: None
+    return med, vit
+
+
+def test_image_reward_equals_the_packages_own_blip(tiny_models):
+    """ImageReward on transformers' BLIP classes (our loader, the tiny released-layout folder) scores as the
+    package's own ViT + BERT-with-cross-attention code loaded from the same ImageReward.pt, through the
+    package's preprocessing (its _transform(224) sequence at the ViT's size) and tokenisation (35 tokens)."""
+    import json
+
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from g2rpo.image_reward import CLIP_MEAN, CLIP_STD, MAX_LENGTH, MEAN, STD, build_tokenizer
+    from g2rpo.io import load_state_dict_file
+    from g2rpo.rewards import build_reward
+
+    med, vit = _image_reward_package()
+    folder = Path(tiny_models.imagereward.checkpoint).parent
+    state = load_state_dict_file(folder / "ImageReward.pt", "ImageReward")
+    config = med.BertConfig.from_json_file(str(folder / "med_config.json"))
+    width = state["blip.visual_encoder.pos_embed"].shape[-1]
+    config.encoder_width = width
+    text = med.BertModel(config=config, add_pooling_layer=False).eval()
+    text.load_state_dict({k.removeprefix("blip.text_encoder."): v for k, v in state.items()
+                          if k.startswith("blip.text_encoder.")}, strict=True)
+    depth = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("blip.visual_encoder.blocks."))
+    visual = vit.VisionTransformer(img_size=64, patch_size=16, embed_dim=width, depth=depth, num_heads=width // 64).eval()
+    visual.load_state_dict({k.removeprefix("blip.visual_encoder."): v for k, v in state.items()
+                            if k.startswith("blip.visual_encoder.")}, strict=True)
+    head = [state[f"mlp.layers.{i}.weight"] for i in (0, 2, 4, 6, 7)], [state[f"mlp.layers.{i}.bias"] for i in (0, 2, 4, 6, 7)]
+    tokenizer = build_tokenizer(folder / "tokenizer")
+    transform = T.Compose([T.Resize(64, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(64),
+                           lambda image: image.convert("RGB"), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+    images = _images(3, size=(3, 80, 96), seed=4)  # not square: the resize and crop matter
+    prompts = ["a red car on the road", "photo of a cat", "a dog"]
+    expected = []
+    with torch.no_grad():
+        for image, prompt in zip(images, prompts):
+            pil = Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+            tokens = tokenizer(prompt, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+            embeds = visual(transform(pil).unsqueeze(0))
+            out = text(tokens.input_ids, attention_mask=tokens.attention_mask, encoder_hidden_states=embeds,
+                       encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long), return_dict=True)
+            h = out.last_hidden_state[:, 0, :].float()
+            for weight, bias in zip(*head):
+                h = torch.nn.functional.linear(h, weight, bias)  # the released head: linear layers, no activation
+            expected.append((h[0, 0] - MEAN) / STD)
+    expected = torch.stack(expected)
+    got = build_reward("imagereward", tiny_models).score(images, prompts)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert json.loads((folder / "med_config.json").read_text())["vocab_size"] == len(tokenizer)
+    assert (got.max() - got.min()) > 0  # the prompts and images move the score

@@ -21,6 +21,8 @@ MODELS = {
     "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": ("ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K", ["*.json", "*.txt"], None),
     "apple/DFN5B-CLIP-ViT-H-14": ("ckpt/clip_score", None, None),
     "yuvalkirstain/PickScore_v1": ("ckpt/pickscore", None, None),
+    "THUDM/ImageReward": ("ckpt/imagereward", ["ImageReward.pt", "med_config.json"], None),
+    "google-bert/bert-base-uncased": ("ckpt/bert-base-uncased", ["vocab.txt", "tokenizer_config.json"], None),
 }
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 
