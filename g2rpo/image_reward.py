@@ -184,16 +184,12 @@ class ImageRewardScore:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        from PIL import Image
+        from g2rpo.rewards import check_batch, to_pil
 
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W] floats in [0, 1], got shape {tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        check_batch(images, prompts)
         scores = []
         for start in range(0, len(prompts), self.batch_size):
-            chunk = (images[start:start + self.batch_size].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            pixels = torch.stack([self.transform(Image.fromarray(i.permute(1, 2, 0).numpy())) for i in chunk])
+            pixels = torch.stack([self.transform(image) for image in to_pil(images[start:start + self.batch_size])])
             text = self.tokenizer(list(prompts[start:start + self.batch_size]), padding="max_length", truncation=True,
                                   max_length=MAX_LENGTH, return_tensors="pt").to(self.device)
             scores.append(self.model(pixels.to(self.device, self.dtype), text.input_ids, text.attention_mask).float())

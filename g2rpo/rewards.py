@@ -32,6 +32,23 @@ PREPROCESS_MODES = ("tensor", "faithful")
 """how OpenClipReward prepares images: tensor (resize on the float tensor, batched, on the device; fp32
 features) | faithful (the official trainer's uint8 -> PIL -> model transform -> fp16 autocast sequence)."""
 
+def check_batch(images: torch.Tensor, prompts) -> None:
+    """One clear error for what every reward's ``score`` takes: ``[B, 3, H, W]`` floats and B prompts."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W] floats in [0, 1], got shape {tuple(images.shape)}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """Float images in [0, 1] as the PIL images a decoded sample becomes (diffusers' postprocess: ×255, rounded,
+    uint8), for the rewards whose own preprocessing starts from PIL."""
+    from PIL import Image
+
+    quantised = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in quantised]
+
+
 # Base-weight files of an open_clip Hub folder, in order of preference (safetensors first).
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                           "open_clip_pytorch_model.bin")
@@ -193,10 +210,7 @@ class OpenClipReward:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W] floats in [0, 1], got shape {tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        check_batch(images, prompts)
         scores = []
         for start in range(0, len(prompts), self.batch_size):
             tokens = self.tokenizer(list(prompts[start:start + self.batch_size])).to(self.device)
@@ -210,10 +224,7 @@ class OpenClipReward:
         return torch.cat(scores)
 
     def _score_faithfully(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        from PIL import Image
-
-        quantised = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        pixels = torch.stack([self.transform(Image.fromarray(image.permute(1, 2, 0).numpy())) for image in quantised])
+        pixels = torch.stack([self.transform(image) for image in to_pil(images)])
         with torch.autocast(self.device.type, dtype=torch.float16):
             image_features = self.model.encode_image(pixels.to(self.device), normalize=True)
             text_features = self.model.encode_text(tokens, normalize=True)
@@ -244,14 +255,10 @@ class PickScoreReward:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        from PIL import Image
-
-        if images.dim() != 4 or images.shape[1] != 3 or len(prompts) != images.shape[0]:
-            raise ValueError(f"expected [B, 3, H, W] images and B prompts, got {tuple(images.shape)} and {len(prompts)}")
+        check_batch(images, prompts)
         scores = []
         for start in range(0, len(prompts), self.batch_size):
-            chunk = (images[start:start + self.batch_size].float().clamp(0, 1) * 255).round().to(torch.uint8)
-            pil = [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in chunk]
+            pil = to_pil(images[start:start + self.batch_size])
             pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
             text = self.processor(text=list(prompts[start:start + self.batch_size]), padding=True, truncation=True,
                                   max_length=77, return_tensors="pt").to(self.device)

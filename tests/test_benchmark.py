@@ -13,6 +13,7 @@ from g2rpo.rollout import expected_cost
 from g2rpo.tiny import TINY_TRANSFORMER_CONFIG
 
 sys.path.insert(0, str(ROOT / "scripts" / "benchmark"))
+import bench_rollout  # noqa: E402
 from bench_rollout import transformer_flops  # noqa: E402
 
 
@@ -41,12 +42,11 @@ def _table(stdout: str, header: str) -> dict[str, list[str]]:
             for line in stdout.splitlines() if line.startswith("| ") and not line.startswith(f"| {header} |")}
 
 
-def test_benchmark_smoke_run_agrees_and_counts():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/benchmark/bench_rollout.py"), "--smoke"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "reference and shared completions agree" in result.stdout
-    rows = _table(result.stdout, "order")
+def test_benchmark_smoke_run_agrees_and_counts(capsys):
+    bench_rollout.main(["--smoke"])  # in process: the script is plain Python, one process
+    stdout = capsys.readouterr().out
+    assert "reference and shared completions agree" in stdout
+    rows = _table(stdout, "order")
     smoke = SamplingConfig(num_steps=8, branch_steps=[0, 1, 2], group_size=4, height=32, width=32)
     for order in ("reference", "shared"):
         cost = expected_cost(dataclasses.replace(smoke, order=order))
@@ -55,13 +55,14 @@ def test_benchmark_smoke_run_agrees_and_counts():
     assert int(rows["shared"][3]) < int(rows["reference"][3])  # batched reward calls
 
 
-def test_train_step_benchmark_smoke_run(tiny_models, tiny_embeddings, tmp_path):
-    """Two FSDP ranks through the real Trainer: the three variants agree and count as the closed form says."""
-    cmd = [*TORCHRUN, str(ROOT / "scripts/benchmark/bench_train_step.py"), "--smoke", *model_overrides(tiny_models),
-           f"data.index={tiny_embeddings / 'index.jsonl'}", f"output_dir={tmp_path / 'out'}"]
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = _table(result.stdout, "variant")
+def test_train_step_benchmark_smoke_run(tiny_models, tiny_embeddings, tmp_path, capsys):
+    """Through the real Trainer (in process, one FSDP rank; the gathered == sharded rollouts of two ranks are
+    test_rollout_weights.py's): the three variants agree and count as the closed form says."""
+    import bench_train_step
+
+    bench_train_step.benchmark(["--smoke", *model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}",
+                                f"output_dir={tmp_path / 'out'}"])
+    rows = _table(capsys.readouterr().out, "variant")
     assert list(rows) == ["reference", "shared", "shared+gathered"]
     smoke = SamplingConfig(num_steps=6, branch_steps=[0, 2], group_size=3, height=32, width=32)
     for name, order in (("reference", "reference"), ("shared", "shared"), ("shared+gathered", "shared")):

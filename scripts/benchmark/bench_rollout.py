@@ -1,7 +1,7 @@
 """Benchmark one G2RPO step's phases in the reference order and in ours, on the same model and noise.
 
     python scripts/benchmark/bench_rollout.py                 # tiny model on CPU (builds ckpt/tiny if missing)
-    python scripts/benchmark/bench_rollout.py --smoke         # CI: tiny, small grid, one iteration
+    python scripts/benchmark/bench_rollout.py --smoke         # tiny, small grid, one iteration (CI: in process)
     python scripts/benchmark/bench_rollout.py --device cuda   # true-size FLUX.1-dev transformer, random bf16 weights
     python scripts/benchmark/bench_rollout.py --compile       # plus our order on the torch.compiled transformer
 
@@ -52,7 +52,7 @@ def transformer_flops(config: dict, image_tokens: int, text_tokens: int = 512) -
     return per_token + attention + embed + modulation + conditioning
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu (tiny model) or cuda (true-size FLUX.1-dev, random weights)")
     p.add_argument("--smoke", action="store_true", help="tiny grid, one iteration: checks the script runs and agrees")
@@ -62,7 +62,7 @@ def parse_args():
     p.add_argument("--skip-reference", action="store_true", help="time only our order")
     p.add_argument("--compile", action="store_true", help="also time our order with the transformer torch.compiled "
                    "(engine.compile_rollout); its first iteration compiles and is not reported")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def build(device: str, cfg: SamplingConfig):
@@ -143,8 +143,8 @@ def run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, de
     return row, result
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = args.device
     if args.smoke:
         cfg = SamplingConfig(num_steps=8, branch_steps=[0, 1, 2], group_size=4, height=32, width=32)

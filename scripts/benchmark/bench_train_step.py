@@ -1,7 +1,7 @@
 """Benchmark one training step of the real trainer (torchrun, FSDP) in the reference's way and in ours.
 
     torchrun --nproc_per_node=2 scripts/benchmark/bench_train_step.py                 # tiny, 2 CPU processes
-    torchrun --nproc_per_node=2 scripts/benchmark/bench_train_step.py --smoke         # CI: small grid
+    torchrun --nproc_per_node=2 scripts/benchmark/bench_train_step.py --smoke         # small grid (CI: in process)
     torchrun --nproc_per_node=8 scripts/benchmark/bench_train_step.py --config configs/g2rpo_hps_clip.yaml \
         --sampling-as-configured
 
@@ -42,7 +42,7 @@ VARIANTS = {"reference": ("reference", False, False), "shared": ("shared", False
             "shared+gathered": ("shared", True, False), "shared+gathered+compiled": ("shared", True, True)}
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs/tiny.yaml"))
     p.add_argument("overrides", nargs="*", help="section.field=value overrides of the config")
@@ -50,7 +50,7 @@ def parse_args():
     p.add_argument("--iters", type=int, default=1, help="rollouts per variant; the last is reported")
     p.add_argument("--sampling-as-configured", action="store_true", help="keep the config's sampling grid")
     p.add_argument("--compile", action="store_true", help="also time the torch.compiled rollout")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def slowest(seconds: float) -> float:
@@ -72,12 +72,13 @@ def timed(fn, device):
     return out, slowest(time.perf_counter() - start)
 
 
-def main():
+def benchmark(argv=None) -> None:
+    """The whole benchmark (collective under torchrun; one process otherwise); prints the table."""
     from g2rpo.config import TrainConfig, load_config
-    from g2rpo.distributed import all_reduce, init_distributed, print0, teardown
+    from g2rpo.distributed import all_reduce, init_distributed, print0
     from g2rpo.trainer import Trainer
 
-    args = parse_args()
+    args = parse_args(argv)
     grid = SMOKE_GRID if args.smoke else [] if args.sampling_as_configured else REFERENCE_GRID
     # its own scratch folder, replaced on every run (not the config's output_dir, which may hold a real run)
     scratch = ["output_dir=outputs/bench_train_step", "overwrite=true"]
@@ -142,6 +143,12 @@ def main():
            f"decode+reward + update): reference "
            f"{step['reference']:.3f} s; " + "; ".join(f"{name} {t:.3f} s ({step['reference'] / t:.2f}x)"
                                                      for name, t in step.items() if name != "reference"))
+
+
+def main() -> None:
+    from g2rpo.distributed import teardown
+
+    benchmark()
     teardown(0)
 
 
