@@ -196,12 +196,12 @@ def test_single_process_matches_fsdp(fsdp_run, tiny_models, tiny_embeddings, tmp
 def test_training_raises_heldout_reward(tiny_models, tiny_embeddings, tmp_path):
     """Learning signal, measured: configs/tiny.yaml on 80 prompts, evaluated on the 20 held out.
 
-    Measured on this CPU (single process, 24 steps, the tiny embeddings' 64 T5 positions), the change of the
-    summed held-out HPS + CLIP reward: maximising gave +0.0177, +0.0310, +0.0060 for seeds 0, 1, 2; the same
-    runs with both reward weights at -1 (minimising) gave -0.0057, -0.0182, -0.0012. The bars -- the
+    Measured on this CPU (single process, 16 steps, the tiny embeddings' 64 T5 positions), the change of the
+    summed held-out HPS + CLIP reward: maximising gave +0.0160, +0.0240, +0.0084 for seeds 0, 1, 2; the same
+    runs with both reward weights at -1 (minimising) gave -0.0022, -0.0131, -0.0054. The bars -- the
     maximising run gains > 0.005 and beats its minimising twin by > 0.005, which every measured seed passes
-    (smallest: +0.0060, gap 0.0072) -- fail if the update ignores the reward (the twins are then the same
-    run: gap 0) or inverts it. CI runs seed 0 (gain +0.0177, gap 0.0234).
+    (smallest: +0.0084, gap 0.0137) -- fail if the update ignores the reward (the twins are then the same
+    run: gap 0) or inverts it. CI runs seed 0 (gain +0.0160, gap 0.0183).
     """
     from g2rpo.distributed import DistInfo
     from g2rpo.trainer import Trainer
@@ -209,7 +209,7 @@ def test_training_raises_heldout_reward(tiny_models, tiny_embeddings, tmp_path):
     def heldout_gain(seed, weight):
         cfg = load_config(TrainConfig, ROOT / "configs" / "tiny.yaml", [
             *_model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}",
-            f"output_dir={tmp_path / f'{seed}_{weight}'}", "max_steps=24", f"seed={seed}", "sample_every=0",
+            f"output_dir={tmp_path / f'{seed}_{weight}'}", "max_steps=16", f"seed={seed}", "sample_every=0",
             "checkpoint_start=1000", f"rewards=[{{name: hps, weight: {weight}}}, {{name: clip_score, weight: {weight}}}]"])
         trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
         before = sum(trainer.evaluate(trainer.heldout).values())
