@@ -33,8 +33,7 @@ import torch
 from g2rpo.io import atomic_write_text, write_png, write_png_grid
 from g2rpo.reward_registry import REWARDS
 
-# The paper's table columns, in order (g2rpo.reward_registry). ImageReward and UnifiedReward are not computed
-# (see README).
+# The paper's table columns we compute, in its order (g2rpo.reward_registry); UnifiedReward is not one yet.
 METRIC_COLUMNS = {name: entry.column for name, entry in REWARDS.items()}
 # Everything an evaluation writes into --out besides images/ (what --overwrite deletes).
 OUTPUT_FILES = ("fingerprint.json", "scores.jsonl", "summary.md", "summary.csv", "grid.png", "settings.json")

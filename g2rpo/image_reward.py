@@ -62,7 +62,10 @@ def to_transformers_names(state: dict[str, torch.Tensor], where: str = "ImageRew
     for name, tensor in state.items():
         if name.startswith("blip.visual_encoder."):
             renamed = _rename(name.removeprefix("blip.visual_encoder."))
-            (unknown.append(name) if renamed is None else vision.__setitem__(renamed, tensor))
+            if renamed is None:
+                unknown.append(name)
+            else:
+                vision[renamed] = tensor
         elif name.startswith("blip.text_encoder."):
             if not name.endswith("embeddings.position_ids"):  # a buffer: transformers rebuilds it
                 text[name.removeprefix("blip.text_encoder.")] = tensor

@@ -14,6 +14,7 @@ configs' embeddings (``bash scripts/run_tiny.sh`` writes the tiny ones).
 """
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -40,11 +41,10 @@ def heldout_change(path: Path, seed: int, sign: float, args, info) -> float:
     from g2rpo.config import TrainConfig, load_config
     from g2rpo.trainer import Trainer
 
-    base = load_config(TrainConfig, path, args.overrides)
-    rewards = ", ".join(f"{{name: {r.name}, weight: {sign * r.weight}}}" for r in base.rewards)
     cfg = load_config(TrainConfig, path, [*args.overrides, f"output_dir={args.workdir / f'{path.stem}_{seed}_{sign:+.0f}'}",
                                           "overwrite=true", f"seed={seed}", f"max_steps={args.steps}", "sample_every=0",
-                                          "checkpoint_start=1000000", f"rewards=[{rewards}]"])
+                                          "checkpoint_start=1000000"])
+    cfg = dataclasses.replace(cfg, rewards=[dataclasses.replace(r, weight=sign * r.weight) for r in cfg.rewards])
     if not cfg.data.holdout:
         raise SystemExit(f"{path}: data.holdout is 0; the learning signal needs held-out prompts")
     trainer = Trainer(cfg, info)
