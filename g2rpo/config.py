@@ -115,12 +115,41 @@ class ImageRewardModelConfig:
 
 
 @dataclass
+class UnifiedRewardModelConfig:
+    path: str = "ckpt/unifiedreward"
+    """transformers folder of CodeGoat24/UnifiedReward-qwen-7b, a Qwen2.5-VL judge (evaluation only, GPU in
+    practice; g2rpo.unified_reward)."""
+    dtype: str = "bfloat16"
+    """dtype the judge is loaded in (its released weights are bf16)."""
+    question: str = "semantic"
+    """semantic (the reference evaluation's: the number after "Alignment Score (1-5):") | score ("Final Score:")."""
+    max_new_tokens: int = 4096
+    """the reference's max_tokens; the judge stops earlier, at its end-of-turn token."""
+    jpeg_quality: int | None = 95
+    """the image reaches the judge as a JPEG of this quality, as the reference sends it (null: the PNG's pixels)."""
+    batch_size: int = 8
+    """images per generate call."""
+
+    def __post_init__(self):
+        _check_dtype("unifiedreward.dtype", self.dtype)
+        from g2rpo.unified_reward import QUESTIONS
+
+        if self.question not in QUESTIONS:
+            raise ValueError(f"models.unifiedreward.question={self.question!r}: expected one of {', '.join(QUESTIONS)}")
+        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"models.unifiedreward.jpeg_quality={self.jpeg_quality}: expected 1..100 or null")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("models.unifiedreward.max_new_tokens and batch_size must be >= 1")
+
+
+@dataclass
 class ModelsConfig:
     flux: FluxModelConfig = field(default_factory=FluxModelConfig)
     hps: HPSModelConfig = field(default_factory=HPSModelConfig)
     clip_score: ClipScoreModelConfig = field(default_factory=ClipScoreModelConfig)
     pickscore: PickScoreModelConfig = field(default_factory=PickScoreModelConfig)
     imagereward: ImageRewardModelConfig = field(default_factory=ImageRewardModelConfig)
+    unifiedreward: UnifiedRewardModelConfig = field(default_factory=UnifiedRewardModelConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,7 +566,7 @@ RESUME_MAY_CHANGE = (
     "sampling.order", "sampling.micro_batch", "trajectory.micro_batch",
     "data.index",  # the path; the content is compared on its own (g2rpo.checkpoint)
     "models.flux.path", "models.hps.base_dir", "models.hps.checkpoint", "models.clip_score.path", "models.pickscore.",
-    "models.imagereward.",
+    "models.imagereward.", "models.unifiedreward.",
 )
 
 

@@ -33,7 +33,7 @@ import torch
 from g2rpo.io import atomic_write_text, write_png, write_png_grid
 from g2rpo.reward_registry import REWARDS
 
-# The paper's table columns we compute, in its order (g2rpo.reward_registry); UnifiedReward is not one yet.
+# The paper's table columns, in its order (g2rpo.reward_registry).
 METRIC_COLUMNS = {name: entry.column for name, entry in REWARDS.items()}
 # Everything an evaluation writes into --out besides images/ (what --overwrite deletes).
 OUTPUT_FILES = ("fingerprint.json", "scores.jsonl", "summary.md", "summary.csv", "grid.png", "settings.json")
@@ -52,6 +52,7 @@ def parse_args(argv=None):
                    help="where the reward models live (configs/models/*.yaml)")
     p.add_argument("--metrics", default=",".join(METRIC_COLUMNS), help="comma-separated: " + ",".join(METRIC_COLUMNS))
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--score-batch-size", type=int, default=8, help="images per reward call")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--guidance", type=float, default=3.5)
     p.add_argument("--height", type=int, default=720)
@@ -67,16 +68,22 @@ def parse_args(argv=None):
     unknown = [m for m in args.metrics if m not in METRIC_COLUMNS]
     if unknown or not args.metrics:
         p.error(f"--metrics {unknown or '(empty)'}: choose from {', '.join(METRIC_COLUMNS)}")
+    if args.score_batch_size < 1:
+        p.error(f"--score-batch-size {args.score_batch_size}: expected >= 1")
     return args
 
 
 def summarize(records: list[dict], metrics: list[str]) -> list[dict]:
-    """Per metric: mean, sample std and n over the records, in the paper's column order."""
+    """Per metric, in the paper's column order: mean, sample std and n over the records that have a score, and
+    how many do not (``unscored``: a judge's answer without a score is NaN, left out as the reference does)."""
     rows = []
     for name in (m for m in METRIC_COLUMNS if m in metrics):
         values = np.array([r[name] for r in records], dtype=np.float64)
-        std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-        rows.append({"metric": METRIC_COLUMNS[name], "mean": float(values.mean()), "std": std, "n": len(values)})
+        scored = values[np.isfinite(values)]
+        mean = float(scored.mean()) if len(scored) else float("nan")
+        std = float(scored.std(ddof=1)) if len(scored) > 1 else float("nan")
+        rows.append({"metric": METRIC_COLUMNS[name], "mean": mean, "std": std, "n": len(scored),
+                     "unscored": len(values) - len(scored)})
     return rows
 
 
@@ -99,24 +106,31 @@ def paper_comparison_markdown(rows: list[dict], label: str = "this evaluation") 
     ours = {}
     for row in rows:
         name = next(n for n, column in METRIC_COLUMNS.items() if column == row["metric"])
-        ours[row["metric"]] = row["mean"] * REWARDS[name].paper_scale
+        if row["n"]:
+            ours[row["metric"]] = row["mean"] * REWARDS[name].paper_scale
     lines = ["| | " + " | ".join(PAPER_COLUMNS) + " |", "|---|" + "---|" * len(PAPER_COLUMNS)]
     lines += [f"| {method} (paper) | " + " | ".join(f"{v:.3f}" for v in values) + " |" for method, values in PAPER_ROWS.items()]
     lines.append(f"| {label} | " + " | ".join(f"{ours[c]:.3f}" if c in ours else "–" for c in PAPER_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _cell(row: dict) -> str:
+    count = f"n={row['n']}" + (f", {row['unscored']} unscored" if row.get("unscored") else "")
+    if not row["n"]:
+        return f"– ({count})"
+    return (f"{row['mean']:.4f} ± {row['std']:.4f} ({count})" if not math.isnan(row["std"])
+            else f"{row['mean']:.4f} ({count})")
+
+
 def summary_markdown(rows: list[dict]) -> str:
     header = "| " + " | ".join(r["metric"] for r in rows) + " |"
     rule = "|" + "---|" * len(rows)
-    cells = "| " + " | ".join(f"{r['mean']:.4f} ± {r['std']:.4f} (n={r['n']})" if not math.isnan(r["std"])
-                              else f"{r['mean']:.4f} (n={r['n']})" for r in rows) + " |"
-    return "\n".join([header, rule, cells]) + "\n"
+    return "\n".join([header, rule, "| " + " | ".join(_cell(r) for r in rows) + " |"]) + "\n"
 
 
 def summary_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["metric", "mean", "std", "n"], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=["metric", "mean", "std", "n", "unscored"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -235,11 +249,12 @@ def evaluate(argv=None) -> None:
 
     rewards = {name: build_reward(name, models, info.device) for name in args.metrics}
     records = []
-    for i in mine:
-        image = _load_png(images_dir / f"{i:05d}.png")
-        record = {"index": i, "prompt": prompts[i], "image": f"images/{i:05d}.png"}
-        record.update({name: reward.score(image, [prompts[i]])[0].item() for name, reward in rewards.items()})
-        records.append(record)
+    for start in range(0, len(mine), args.score_batch_size):
+        chunk = mine[start:start + args.score_batch_size]
+        images = torch.cat([_load_png(images_dir / f"{i:05d}.png") for i in chunk])
+        scores = {name: reward.score(images, [prompts[i] for i in chunk]).tolist() for name, reward in rewards.items()}
+        records += [{"index": i, "prompt": prompts[i], "image": f"images/{i:05d}.png",
+                     **{name: values[k] for name, values in scores.items()}} for k, i in enumerate(chunk)]
     atomic_write_text(args.out / f".scores.rank{info.rank}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     barrier()
 

@@ -6,6 +6,7 @@
 | ``clip_score`` | CLIP Score | yes | ``clip_reward.txt`` | ``models.clip_score`` |
 | ``pickscore`` | PickScore | no (evaluation only: PIL preprocessing per image) | ``pickscore_reward.txt`` | ``models.pickscore`` |
 | ``imagereward`` | ImageReward | no (evaluation only) | ``imagereward_reward.txt`` | ``models.imagereward`` |
+| ``unifiedreward`` | UnifiedReward | no (evaluation only: a VLM judge that writes its score) | ``unifiedreward_reward.txt`` | ``models.unifiedreward`` |
 
 A reward is anything with ``score(images [B, 3, H, W] in [0, 1], prompts) -> Tensor[B]`` (`Reward`). To add one:
 a loader in g2rpo.rewards, its paths in ``ModelsConfig``, and a row here. This module imports no model
@@ -68,12 +69,23 @@ def _imagereward(models, device):
     return load_image_reward(m.checkpoint, m.med_config, m.tokenizer, device, resolve_dtype(m.dtype))
 
 
+def _unifiedreward(models, device):
+    from g2rpo.models import resolve_dtype
+    from g2rpo.unified_reward import load_unified_reward
+
+    m = models.unifiedreward
+    return load_unified_reward(m.path, device, resolve_dtype(m.dtype), m.question, m.max_new_tokens, m.jpeg_quality,
+                               m.batch_size)
+
+
 REWARDS: dict[str, RewardEntry] = {entry.name: entry for entry in (
     RewardEntry("hps", "HPS-v2.1", trains=True, log_file="hps_reward.txt", build=_hps),
     RewardEntry("clip_score", "CLIP Score", trains=True, log_file="clip_reward.txt", build=_clip_score),
     RewardEntry("pickscore", "PickScore", trains=False, log_file="pickscore_reward.txt", build=_pickscore,
                 paper_scale=0.01),
     RewardEntry("imagereward", "ImageReward", trains=False, log_file="imagereward_reward.txt", build=_imagereward),
+    RewardEntry("unifiedreward", "UnifiedReward", trains=False, log_file="unifiedreward_reward.txt",
+                build=_unifiedreward),
 )}
 
 

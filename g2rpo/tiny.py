@@ -350,14 +350,114 @@ def write_image_reward_folder(directory: Path, seed: int) -> None:
         atomic_write_bytes(tmp / "ImageReward.pt", buffer.getvalue())
 
 
+# Qwen2.5-VL's special tokens, in its order (the first is also the pad token).
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>")
+
+# A ChatML template written for the tiny judge: the turn layout of Qwen2.5-VL's own (its default system message,
+# an image as <|vision_start|><|image_pad|><|vision_end|>), which the real judge's folder brings itself.
+TINY_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# What the tiny judge learns to answer, whatever it is shown: the semantic question's score line.
+TINY_JUDGE_ANSWER = "Alignment Score (1-5): 3"
+
+
+def build_qwen_tokenizer(corpus: list[str], vocab_size: int = 600):
+    """A small byte-level BPE in Qwen2's format (vocab + merges), trained locally, plus Qwen2.5-VL's special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    return tokenizer
+
+
+def random_images(count: int, generator: torch.Generator, size: int = 64) -> list:
+    """``count`` PIL images of uniform noise."""
+    from PIL import Image
+
+    return [Image.fromarray((torch.rand(size, size, 3, generator=generator) * 255).round().to(torch.uint8).numpy())
+            for _ in range(count)]
+
+
+def write_unified_reward_folder(directory: Path, prompts: list[str], seed: int, steps: int = 24) -> None:
+    """UnifiedReward-qwen-7b's layout at tiny size: a ``Qwen2_5_VLForConditionalGeneration`` (2 + 2 layers, width 64)
+    and its processor (Qwen2 BPE tokenizer, Qwen2-VL image processor, chat template).
+
+    Random weights never write the answer format, so the tiny judge is then fitted for ``steps`` Adam steps
+    (teacher forcing on the prompts and noise images, a few seconds on a CPU) to answer `TINY_JUDGE_ANSWER`,
+    which the real generate -> parse path reads as 3. ``steps=0`` leaves it random (what tests comparing two
+    generation paths use: every token of a random judge depends on the image and the prompt).
+    """
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    from g2rpo.unified_reward import QUESTIONS, judge_messages
+
+    questions = [q.template for q in QUESTIONS.values()]
+    tokenizer = build_qwen_tokenizer(questions * 4 + prompts + [TINY_JUDGE_ANSWER] * 50)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),  # 4 to 16 image tokens
+        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=TINY_QWEN_CHAT_TEMPLATE)
+    special = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                         bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
+                         pad_token_id=special["<|endoftext|>"], tie_word_embeddings=False),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = special["<|endoftext|>"]
+    model.generation_config.eos_token_id = special["<|im_end|>"]
+
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    answer_length = len(tokenizer(TINY_JUDGE_ANSWER + "<|im_end|>")["input_ids"])
+    tokenizer.padding_side = "left"
+    model.train()
+    for step in range(steps):
+        batch = [prompts[(4 * step + i) % len(prompts)] for i in range(4)]
+        chats = [processor.apply_chat_template(judge_messages(p), tokenize=False, add_generation_prompt=True)
+                 + TINY_JUDGE_ANSWER + "<|im_end|>" for p in batch]
+        inputs = processor(text=chats, images=random_images(4, generator), padding=True, return_tensors="pt")
+        logits = model(**inputs, logits_to_keep=answer_length + 1).logits[:, :-1]  # those that predict the answer
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), inputs["input_ids"][:, -answer_length:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+
+
 # --------------------------------------------------------------------------------------------
 # Everything
 # --------------------------------------------------------------------------------------------
 
 
 def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int = 0, force: bool = False) -> dict:
-    """Write ``flux/``, ``hps/``, ``clip_score/``, ``pickscore/`` and ``imagereward/`` under ``out_dir``; skip
-    existing parts.
+    """Write ``flux/``, ``hps/``, ``clip_score/``, ``pickscore/``, ``imagereward/`` and ``unifiedreward/`` under
+    ``out_dir``; skip existing parts.
 
     Each part is built in a temporary directory and renamed into place, so an interrupted run never
     leaves a half-written checkpoint behind. Returns ``{part: path}``.
@@ -370,6 +470,7 @@ def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int 
         "clip_score": lambda d: write_open_clip_folder(build_tiny_open_clip(seed + 20), d),
         "pickscore": lambda d: write_pickscore_folder(d, seed + 30),
         "imagereward": lambda d: write_image_reward_folder(d, seed + 40),
+        "unifiedreward": lambda d: write_unified_reward_folder(d, prompts, seed + 50),
     }
     written = {}
     for name, build in parts.items():

@@ -70,7 +70,7 @@ def tiny_models(tiny_ckpt) -> ModelsConfig:
     overrides = []
     for section, key in (("flux", "path"), ("hps", "base_dir"), ("hps", "checkpoint"), ("clip_score", "path"),
                          ("pickscore", "model"), ("pickscore", "processor"), ("imagereward", "checkpoint"),
-                         ("imagereward", "med_config"), ("imagereward", "tokenizer")):
+                         ("imagereward", "med_config"), ("imagereward", "tokenizer"), ("unifiedreward", "path")):
         value = getattr(getattr(config, section), key)
         assert value.startswith("ckpt/tiny/"), f"tiny.yaml {section}.{key} should live under ckpt/tiny/"
         overrides.append(f"{section}.{key}={tiny_ckpt / value.removeprefix('ckpt/tiny/')}")

@@ -85,14 +85,17 @@ def test_eval_script_end_to_end(tiny_models, tiny_pipeline, models_yaml, prompts
 
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["metric"] for r in rows] == ["HPS-v2.1", "CLIP Score", "PickScore", "ImageReward"]
+    assert [r["metric"] for r in rows] == ["HPS-v2.1", "CLIP Score", "PickScore", "ImageReward", "UnifiedReward"]
     for row, name in zip(rows, METRIC_COLUMNS):
         values = np.array([r[name] for r in records])
         assert int(row["n"]) == 5
         assert float(row["mean"]) == pytest.approx(values.mean(), rel=1e-6)
         assert float(row["std"]) == pytest.approx(values.std(ddof=1), rel=1e-6)
     table = (out / "summary.md").read_text()
-    assert table.splitlines()[0] == "| HPS-v2.1 | CLIP Score | PickScore | ImageReward |" and table in result.stdout
+    assert table.splitlines()[0] == "| HPS-v2.1 | CLIP Score | PickScore | ImageReward | UnifiedReward |"
+    assert table in result.stdout
+    assert [r["unifiedreward"] for r in records] == [3.0] * 5  # the tiny judge's one answer, parsed
+    assert table.splitlines()[-1].endswith("| 3.000 |")  # our row beside the paper's: all five columns filled
     assert (out / "grid.png").is_file() and not list(out.glob(".scores.rank*"))
 
     assert (out / "scores.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in records)
@@ -124,7 +127,8 @@ def _check_another_transformer_is_refused_until_overwrite(tiny_models, tiny_pipe
     new_scores, new_images = _scores(out), _images(out)
     assert sorted(new_images) == sorted(base_images)
     assert all(new_images[name] != base_images[name] for name in new_images)
-    assert all(new[m] != old[m] for new, old in zip(new_scores, base_scores) for m in METRIC_COLUMNS)
+    changed = [m for m in METRIC_COLUMNS if m != "unifiedreward"]  # the tiny judge answers 3 to every image
+    assert all(new[m] != old[m] for new, old in zip(new_scores, base_scores) for m in changed)
     assert read_fingerprint(out)["transformer"]["kind"] == "folder"
     assert json.loads((out / "settings.json").read_text())["transformer"] == str(other)
 
@@ -205,6 +209,15 @@ def test_summary_table():
     assert comparison[8] == "| G²RPO (HPS + CLIP) (paper) | 0.376 | 0.406 | 0.235 | 1.483 | 3.783 |"
     assert comparison[-1] == "| ours | 0.300 | – | 0.210 | – | – |"  # PickScore in the paper's units (/ 100)
 
+    # a judge's answer without a score is NaN: left out of the mean and counted
+    records = [{"unifiedreward": 3.0}, {"unifiedreward": float("nan")}, {"unifiedreward": 4.0}]
+    rows = summarize(records, ["unifiedreward"])
+    assert rows == [{"metric": "UnifiedReward", "mean": 3.5, "std": pytest.approx(0.7071068), "n": 2, "unscored": 1}]
+    assert summary_markdown(rows).splitlines()[2] == "| 3.5000 ± 0.7071 (n=2, 1 unscored) |"
+    nothing = summarize([{"unifiedreward": float("nan")}], ["unifiedreward"])
+    assert summary_markdown(nothing).splitlines()[2] == "| – (n=0, 1 unscored) |"
+    assert paper_comparison_markdown(nothing, "ours").splitlines()[-1] == "| ours | – | – | – | – | – |"
+
 
 def test_pickscore_is_batch_invariant_and_logit_scaled(tiny_models):
     reward = build_reward("pickscore", tiny_models)
@@ -216,16 +229,19 @@ def test_pickscore_is_batch_invariant_and_logit_scaled(tiny_models):
     assert batched.abs().max() <= reward.model.logit_scale.exp().item() + 1e-4
 
 
-def test_eval_rejects_bad_prompt_files_and_metrics(tiny_models, models_yaml, tmp_path):
+def test_eval_rejects_bad_prompt_files_and_metrics(tiny_models, models_yaml, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"a cat\n\xff\xfe broken\n")
     cmd = [sys.executable, str(ROOT / "scripts/evaluation/evaluate.py"), "--base", tiny_models.flux.path,
            "--prompts", str(bad), "--models-config", str(models_yaml), "--out", str(tmp_path / "o")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "bad.txt:2: not valid UTF-8" in result.stderr
-    result = subprocess.run(cmd[:-4] + ["--metrics", "hps,unifiedreward", "--out", str(tmp_path / "o")], cwd=ROOT,
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "unifiedreward" in result.stderr and "imagereward" in result.stderr  # the choices
+    for bad_args, named in ((["--metrics", "hps,aesthetic"], ["['aesthetic']", "imagereward, unifiedreward"]),
+                            (["--score-batch-size", "0"], ["--score-batch-size 0: expected >= 1"])):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(cmd[2:] + bad_args)
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2 and all(n in stderr for n in named), stderr
 
 
 def test_pickscore_missing_folder_is_named(tiny_models, tmp_path):

@@ -241,7 +241,7 @@ def test_one_reward_registry_names_every_reward_everywhere(tmp_path):
     from g2rpo.reward_registry import REWARDS, training_rewards
 
     assert METRIC_COLUMNS == {"hps": "HPS-v2.1", "clip_score": "CLIP Score", "pickscore": "PickScore",
-                              "imagereward": "ImageReward"}
+                              "imagereward": "ImageReward", "unifiedreward": "UnifiedReward"}
     assert training_rewards() == ["hps", "clip_score"] and list(METRIC_COLUMNS) == list(REWARDS)
     assert RewardSpec("clip_score").weight == REWARDS["clip_score"].default_weight == 1.0
     assert RewardSpec("hps", -1.0).weight == -1.0

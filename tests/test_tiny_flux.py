@@ -130,6 +130,7 @@ def test_build_is_deterministic_and_seeded(tiny_ckpt, prompts, tmp_path):
     assert _digests(again["hps"]) == _digests(tiny_ckpt / "hps")
     assert _digests(again["clip_score"]) == _digests(tiny_ckpt / "clip_score")
     assert _digests(again["pickscore"]) == _digests(tiny_ckpt / "pickscore")
+    assert _digests(again["unifiedreward"]) == _digests(tiny_ckpt / "unifiedreward")  # its fit is seeded too
     other = prepare_tiny_checkpoints(tmp_path / "other", prompts, seed=1)
     weights = "transformer/diffusion_pytorch_model.safetensors"
     assert _digests(other["flux"])[weights] != _digests(tiny_ckpt / "flux")[weights]

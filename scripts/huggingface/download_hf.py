@@ -23,6 +23,7 @@ MODELS = {
     "yuvalkirstain/PickScore_v1": ("ckpt/pickscore", None, None),
     "THUDM/ImageReward": ("ckpt/imagereward", ["ImageReward.pt", "med_config.json"], None),
     "google-bert/bert-base-uncased": ("ckpt/bert-base-uncased", ["vocab.txt", "tokenizer_config.json"], None),
+    "CodeGoat24/UnifiedReward-qwen-7b": ("ckpt/unifiedreward", None, None),
 }
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 
