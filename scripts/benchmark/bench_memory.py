@@ -92,9 +92,13 @@ def measure(args) -> None:
             prepare_tiny_checkpoints(ROOT / "ckpt/tiny", prompts)
         write_embeddings(workdir / "embeddings", pipeline, prompts[:8], args.text_tokens)
     barrier()
-    overrides = [f"models.{section}.{key}={ROOT / value if value.startswith('ckpt/') else value}"
-                 for section, fields in to_dict(models).items() for key, value in fields.items()
-                 if key not in ("arch", "dtype")]
+    def local(value):  # a ckpt/ path of the models config, under this checkout; anything else as YAML reads it
+        if isinstance(value, str):
+            return ROOT / value if value.startswith("ckpt/") else value
+        return "null" if value is None else value
+
+    overrides = [f"models.{section}.{key}={local(value)}" for section, fields in to_dict(models).items()
+                 for key, value in fields.items() if key not in ("arch", "dtype")]
     overrides += [f"models.{section}.dtype={fields['dtype']}" for section, fields in to_dict(models).items()]
     overrides += [f"models.hps.arch={models.hps.arch}", f"models.flux.path={pipeline}",
                   f"data.index={workdir / 'embeddings/index.jsonl'}", f"output_dir={workdir / 'run'}",
