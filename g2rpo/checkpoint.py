@@ -3,7 +3,8 @@
 A checkpoint ``<output_dir>/checkpoint-<step>/`` holds
 
 * ``transformer/`` -- the exported diffusers weights (``save_dtype``, bf16 by default, as FLUX.1-dev
-  ships), one safetensors shard per rank plus the index (for inference; never purged);
+  ships), one safetensors shard per rank plus the index (for inference; never purged); with ``ema.decay``,
+  ``transformer_ema/`` beside it holds the averaged weights the same way;
 * ``state/`` -- everything needed to continue: the engine's model + optimiser state (FSDP: a
   sharded torch.distributed.checkpoint; DeepSpeed: its own ZeRO checkpoint), the LR scheduler, and
   every rank's RNG states (python, numpy, torch CPU and CUDA);
@@ -287,8 +288,9 @@ class Parts:
     data: dict
 
 
-def export_transformer(engine, folder: Path, dtype: torch.dtype, info, group=None) -> None:
-    """The transformer in diffusers format, written by every rank in parallel. Collective.
+def export_transformer(engine, folder: Path, dtype: torch.dtype, info, group=None, ema: bool = False) -> None:
+    """The transformer in diffusers format (``ema``: with the averaged weights), written by every rank in
+    parallel. Collective.
 
     Each rank gathers the full parameters the plan gives it and writes them as one safetensors
     shard; rank 0 adds ``config.json`` and, for several shards, the index diffusers reads. A write
@@ -298,7 +300,7 @@ def export_transformer(engine, folder: Path, dtype: torch.dtype, info, group=Non
 
     sizes = engine.param_sizes()
     owners = plan_export(sizes, info.world_size)
-    mine = engine.gather_params(dtype, owners)
+    mine = engine.gather_params(dtype, owners, ema=ema)
     writers = sorted(set(owners.values()))
     if len(writers) == 1:
         names = {writers[0]: "diffusion_pytorch_model.safetensors"}
@@ -330,7 +332,8 @@ def space_needed(output_dir: Path, engine, save_dtype: torch.dtype) -> tuple[int
         return sum(entry["size"] for entry in files.values()), f"the size of {latest.name}"
     params = sum(engine.param_sizes().values())
     element = torch.tensor([], dtype=save_dtype).element_size()
-    return params * (12 + element), f"{params:,} parameters x (12 + {element}) bytes"
+    per = 12 + element + (4 + element if engine.ema is not None else 0)  # the EMA: its fp32 state and its export
+    return params * per, f"{params:,} parameters x {per} bytes"
 
 
 _NOTHING_WRITTEN = "Nothing was written."
@@ -396,6 +399,8 @@ def save(output_dir: Path, step: int, parts: Parts, info, group=None, keep_last:
         parts.engine.save_state(tmp / "state", group)  # collective (DCP / DeepSpeed report failures on every rank)
         agreed(write_mine, group)
         export_transformer(parts.engine, tmp / "transformer", save_dtype, info, group)
+        if parts.engine.ema is not None:  # the averaged weights, for inference and evaluation alike
+            export_transformer(parts.engine, tmp / "transformer_ema", save_dtype, info, group, ema=True)
         barrier(group)
         files, mine = agreed(hash_mine, group)
         entries = all_gather_object(mine, group)

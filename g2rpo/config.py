@@ -430,6 +430,28 @@ class DataConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float = 0.0
+    """EMA of the trained weights (g2rpo.ema): 0 = off; Flow-GRPO uses 0.9 with update_every 8."""
+    update_every: int = 1
+    """average after every N-th applied optimiser update."""
+    warmup: bool = True
+    """Flow-GRPO's warm-up: the decay of update u is min((1 + u) / (10 + u), decay)."""
+    device: str = "device"
+    """where each rank keeps its shards of the average: device (the training device) | cpu (host memory)."""
+    eval: bool = True
+    """the held-out evaluation also samples with the averaged weights (logged as heldout/ema_<reward>)."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"ema.decay={self.decay}: expected 0 (off) or a value in (0, 1)")
+        if self.update_every < 1:
+            raise ValueError(f"ema.update_every={self.update_every}: must be >= 1")
+        if self.device not in ("device", "cpu"):
+            raise ValueError(f"ema.device={self.device!r}: expected device or cpu")
+
+
+@dataclass
 class TrainConfig:
     method: str = "g2rpo"
     """g2rpo | dancegrpo | flowgrpo | mixgrpo | densegrpo (g2rpo.methods; README "Methods")."""
@@ -443,6 +465,7 @@ class TrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     max_steps: int = 301
     """training steps; each is one rollout per group and one optimiser update per branching step."""
     seed: int = 42
@@ -512,6 +535,9 @@ class TrainConfig:
             raise ValueError(f"ppo.kl_beta={self.ppo.kl_beta} needs engine.kind=fsdp (the frozen reference is a "
                              f"second FSDP2-sharded transformer); engine.kind={self.engine.kind!r} has none: set "
                              f"ppo.kl_beta=0 or engine.kind=fsdp")
+        if self.ema.decay and self.engine.kind != "fsdp":
+            raise ValueError(f"ema.decay={self.ema.decay} needs engine.kind=fsdp (the average is kept per FSDP2 shard); "
+                             f"set ema.decay=0 or engine.kind=fsdp")
         if self.overwrite and self.resume:
             raise ValueError(f"overwrite=true with resume={self.resume!r}: choose one -- continue the run in "
                              f"output_dir (resume) or delete it and start afresh (overwrite)")
@@ -562,7 +588,7 @@ RESUME_MAY_CHANGE = (
     "output_dir",
     "optim.lr", "optim.max_grad_norm", "optim.lr_scheduler", "optim.warmup_steps",
     "engine.fsdp_sharding", "engine.activation_checkpointing", "engine.device", "engine.load_strategy",
-    "engine.rollout_weights", "engine.compile_rollout",
+    "engine.rollout_weights", "engine.compile_rollout", "ema.device", "ema.eval",
     "sampling.order", "sampling.micro_batch", "trajectory.micro_batch",
     "data.index",  # the path; the content is compared on its own (g2rpo.checkpoint)
     "models.flux.path", "models.hps.base_dir", "models.hps.checkpoint", "models.clip_score.path", "models.pickscore.",

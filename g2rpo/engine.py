@@ -62,6 +62,7 @@ class Engine:
     module: torch.nn.Module
     config: dict  # the transformer's diffusers config
     autocast_dtype: torch.dtype | None = None  # torch autocast around forwards (DeepSpeed; FSDP in "autocast" mode)
+    ema = None  # g2rpo.ema.ShardedEMA of the trained weights (FSDP, ema.decay > 0), updated by every step
 
     def __init__(self, engine_cfg, optim_cfg, total_updates: int, info: DistInfo):
         self.cfg, self.info = engine_cfg, info
@@ -144,8 +145,9 @@ class Engine:
     def load_state(self, folder: Path, group=None) -> None:
         raise NotImplementedError
 
-    def gather_params(self, dtype: torch.dtype, owners: dict[str, int]) -> dict[str, torch.Tensor]:
-        """Full parameters in ``dtype`` on the CPU: the ones ``owners`` assigns to this rank. Collective."""
+    def gather_params(self, dtype: torch.dtype, owners: dict[str, int], ema: bool = False) -> dict[str, torch.Tensor]:
+        """Full parameters in ``dtype`` on the CPU: the ones ``owners`` assigns to this rank (``ema``: of the
+        averaged weights). Collective."""
         raise NotImplementedError
 
     def param_sizes(self) -> dict[str, int]:
@@ -182,7 +184,7 @@ class FSDPEngine(Engine):
     """FSDP2 over all processes (one included), built on the meta device and filled from safetensors."""
 
     def __init__(self, weights_folder: Path, engine_cfg, optim_cfg, total_updates: int, info: DistInfo,
-                 mark=_no_mark, reference: bool = False):
+                 mark=_no_mark, reference: bool = False, ema_cfg=None):
         from diffusers import FluxTransformer2DModel
 
         from g2rpo.models import SafetensorsFolder
@@ -198,6 +200,11 @@ class FSDPEngine(Engine):
         if reference:
             self.reference, self.reference_units = self._sharded_model(weights, weights_folder, trainable=False)
             mark("reference")
+        if ema_cfg is not None and ema_cfg.decay:
+            from g2rpo.ema import ShardedEMA
+
+            self.ema = ShardedEMA(self.module, ema_cfg.decay, ema_cfg.update_every, ema_cfg.warmup, ema_cfg.device)
+            mark("ema")
         # FSDP2 warns on every block that returns a view; FLUX's blocks and our code never modify a block's
         # output in place (the FSDP / one-process gradient equality tests would catch it), so it is noise.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -291,6 +298,8 @@ class FSDPEngine(Engine):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
         self.mark_weights_changed()
 
     def skip_step(self) -> None:
@@ -301,7 +310,10 @@ class FSDPEngine(Engine):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder / "fsdp"), process_group=group)
+        state = {"model": model_state, "optim": optim_state}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        dcp.save(state, checkpoint_id=str(folder / "fsdp"), process_group=group)
         self._save_scheduler(folder)
 
     def load_state(self, folder: Path, group=None) -> None:
@@ -310,17 +322,23 @@ class FSDPEngine(Engine):
 
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()  # loaded into the average's own shards
         dcp.load(state, checkpoint_id=str(folder / "fsdp"), process_group=group)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self._load_scheduler(folder)
         self.mark_weights_changed()
 
-    def gather_params(self, dtype: torch.dtype, owners: dict[str, int]) -> dict[str, torch.Tensor]:
+    def gather_params(self, dtype: torch.dtype, owners: dict[str, int], ema: bool = False) -> dict[str, torch.Tensor]:
         from torch.distributed.tensor import DTensor
 
         comm = self.info.device  # the shards may be offloaded to the CPU; NCCL gathers on the GPU
         mine = {}
+        averaged = self.ema.shadow if ema else {}
         for name, param in self.module.named_parameters():
+            param = averaged.get(name, param)  # a frozen parameter has no average: its (constant) value
             local = param.to_local().detach().to(comm, dtype)
             full = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                       shape=param.shape, stride=param.stride()).full_tensor()
@@ -510,7 +528,7 @@ class DeepSpeedEngine(Engine):
         return {name: (p.ds_numel if hasattr(p, "ds_numel") else p.numel())
                 for name, p in self.module.module.named_parameters()}
 
-    def gather_params(self, dtype: torch.dtype, owners: dict[str, int]) -> dict[str, torch.Tensor]:
+    def gather_params(self, dtype: torch.dtype, owners: dict[str, int], ema: bool = False) -> dict[str, torch.Tensor]:
         params = _zero3_full_params(self.module.module) if self.zero3 else self.module.module.named_parameters()
         return {name: p.detach().to("cpu", dtype).clone() for name, p in params if owners[name] == self.info.rank}
 
@@ -528,7 +546,8 @@ def build_engine(cfg, info: DistInfo, total_updates: int, mark=_no_mark) -> Engi
         raise FileNotFoundError(f"FLUX transformer: {folder} has no config.json; expected a diffusers pipeline "
                                 f"folder at models.flux.path={cfg.models.flux.path}")
     if cfg.engine.kind == "fsdp":
-        engine = FSDPEngine(folder, cfg.engine, cfg.optim, total_updates, info, mark, reference=cfg.ppo.kl_beta > 0)
+        engine = FSDPEngine(folder, cfg.engine, cfg.optim, total_updates, info, mark, reference=cfg.ppo.kl_beta > 0,
+                            ema_cfg=cfg.ema)
     else:
         engine = DeepSpeedEngine(folder, cfg.engine, cfg.optim, total_updates, info, mark)
     print0(f"engine: {cfg.engine.kind} over {info.world_size} process(es), {sum(engine.param_sizes().values()):,} "

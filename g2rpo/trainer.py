@@ -342,6 +342,15 @@ class Trainer:
         totals, count = all_reduce(totals, "sum"), all_reduce(count, "sum")
         return {name: (totals[i] / count).item() for i, name in enumerate(self.rewards)}
 
+    def heldout_rewards(self) -> dict[str, float]:
+        """`evaluate` on the held-out prompts; with an EMA and ``ema.eval``, also with the averaged weights swapped
+        in (``ema_<reward>``; the trained weights are back bit for bit afterwards). Collective."""
+        rewards = self.evaluate(self.heldout)
+        if self.engine.ema is not None and self.cfg.ema.eval:
+            with self.engine.ema.swapped_in():
+                rewards.update({f"ema_{name}": value for name, value in self.evaluate(self.heldout).items()})
+        return rewards
+
     # ---------------------------------------------------------------- checkpoints and the loop
 
     def should_checkpoint(self, step: int) -> bool:
@@ -397,7 +406,7 @@ class Trainer:
                        dynamic_ncols=True, initial=self.state.step, total=self.cfg.max_steps)
             with stop.installed():
                 if self._eval_due(self.state.step) and not broadcast_object(self.logger.has_heldout(self.state.step)):
-                    self.logger.log_heldout(self.state.step, self.evaluate(self.heldout))
+                    self.logger.log_heldout(self.state.step, self.heldout_rewards())
                 for step in bar:
                     rng = checkpoint.rng_state()
                     metrics = self.train_step(step, requested)
@@ -412,7 +421,7 @@ class Trainer:
                     if requested():
                         self._stop(stop.signal, step, f"after step {step}")
                     if self._eval_due(self.state.step):
-                        self.logger.log_heldout(self.state.step, self.evaluate(self.heldout))
+                        self.logger.log_heldout(self.state.step, self.heldout_rewards())
                     if self.should_checkpoint(step):
                         self.save_checkpoint(step)
             self.logger.close()
