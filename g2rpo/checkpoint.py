@@ -181,10 +181,12 @@ def verify_export(folder: str | Path) -> str:
     every file, and no unlisted weights); the export of a checkpoint that was never committed is
     refused; any other diffusers folder (e.g. FLUX.1-dev itself) is accepted as it is.
     """
+    from g2rpo.lora import WEIGHTS_NAME
+
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no config.json; expected a diffusers transformer folder "
-                                f"(e.g. outputs/<run>/checkpoint-<step>/transformer)")
+    if not (folder / "config.json").is_file() and not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder}: no config.json or {WEIGHTS_NAME}; expected a diffusers transformer folder "
+                                f"(e.g. outputs/<run>/checkpoint-<step>/transformer) or a LoRA one (.../lora)")
     manifest = export_manifest(folder)
     if manifest is None:
         parent = folder.parent
@@ -323,17 +325,46 @@ def export_transformer(engine, folder: Path, dtype: torch.dtype, info, group=Non
     agreed(write, group)
 
 
+def export_lora(engine, folder: Path, info, group=None, ema: bool = False) -> None:
+    """The adapters (``ema``: averaged) as diffusers' FLUX LoRA file, written by rank 0. Collective."""
+    from g2rpo.lora import write_lora_folder
+
+    adapters = {name: t.cpu() for name, t in engine.lora_state(ema).items()}
+    agreed(lambda: write_lora_folder(folder, adapters, engine.lora) if info.is_main else None, group)
+
+
+def export_all(engine, folder: Path, dtype: torch.dtype, info, group=None) -> None:
+    """What a checkpoint exports for inference: ``transformer/`` (full fine-tuning), or ``lora/`` and, with
+    ``lora.export_merged``, the merged ``transformer/``; ``transformer_ema/`` / ``lora_ema/`` beside them with an
+    EMA. Collective."""
+    lora = engine.lora
+    if lora is None or lora.export_merged:
+        export_transformer(engine, folder / "transformer", dtype, info, group)
+    if lora is not None:
+        export_lora(engine, folder / "lora", info, group)
+    if engine.ema is not None:  # the averaged weights, for inference and evaluation alike
+        if lora is None:
+            export_transformer(engine, folder / "transformer_ema", dtype, info, group, ema=True)
+        else:
+            export_lora(engine, folder / "lora_ema", info, group, ema=True)
+
+
 def space_needed(output_dir: Path, engine, save_dtype: torch.dtype) -> tuple[int, str]:
     """``(bytes, how it was estimated)`` a new checkpoint takes: the newest committed one's size, else the
-    fp32 weights and two AdamW moments (12 bytes a parameter) plus the export."""
+    fp32 weights and two AdamW moments of what trains (12 bytes a parameter; + 4 with an EMA) plus the exports."""
     latest = find_latest(output_dir)
     if latest is not None:
         files = json.loads((latest / MARKER).read_text())["files"]
         return sum(entry["size"] for entry in files.values()), f"the size of {latest.name}"
-    params = sum(engine.param_sizes().values())
+    params, trained = sum(engine.param_sizes().values()), engine.trainable_numel()
     element = torch.tensor([], dtype=save_dtype).element_size()
-    per = 12 + element + (4 + element if engine.ema is not None else 0)  # the EMA: its fp32 state and its export
-    return params * per, f"{params:,} parameters x {per} bytes"
+    copies = 2 if engine.ema is not None else 1  # the EMA: its fp32 state and its export
+    state = trained * (12 + 4 * (copies - 1))  # fp32 weights and two AdamW moments of what trains (+ the average)
+    exported = copies * (trained * 4 if engine.lora is not None else params * element)
+    if engine.lora is not None and engine.lora.export_merged:
+        exported += params * element
+    return state + exported, f"{trained:,} trained of {params:,} parameters: state {state / 1e9:.3g} GB, exports " \
+                             f"{exported / 1e9:.3g} GB"
 
 
 _NOTHING_WRITTEN = "Nothing was written."
@@ -398,9 +429,7 @@ def save(output_dir: Path, step: int, parts: Parts, info, group=None, keep_last:
         barrier(group)
         parts.engine.save_state(tmp / "state", group)  # collective (DCP / DeepSpeed report failures on every rank)
         agreed(write_mine, group)
-        export_transformer(parts.engine, tmp / "transformer", save_dtype, info, group)
-        if parts.engine.ema is not None:  # the averaged weights, for inference and evaluation alike
-            export_transformer(parts.engine, tmp / "transformer_ema", save_dtype, info, group, ema=True)
+        export_all(parts.engine, tmp, save_dtype, info, group)
         barrier(group)
         files, mine = agreed(hash_mine, group)
         entries = all_gather_object(mine, group)

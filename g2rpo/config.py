@@ -430,6 +430,27 @@ class DataConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 0
+    """LoRA rank (g2rpo.lora; FSDP engine): 0 = full fine-tuning (the reference); Flow-GRPO trains rank 32."""
+    alpha: float = 64.0
+    """the adapters' output is scaled by alpha / rank (Flow-GRPO: 64 at rank 32)."""
+    target_modules: list[str] = field(default_factory=lambda: ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                                               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                                                               "attn.to_add_out"])
+    """peft name suffixes of the adapted linear layers (default: Flow-GRPO's, every attention projection)."""
+    export_merged: bool = False
+    """also export the merged transformer (W + alpha/rank · B A, save_dtype) as checkpoint-N/transformer."""
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank={self.rank}: must be >= 0 (0 turns LoRA off)")
+        if self.rank and (self.alpha <= 0 or not self.target_modules):
+            raise ValueError(f"lora.alpha={self.alpha}, lora.target_modules={self.target_modules}: LoRA needs alpha > 0 "
+                             f"and at least one target module")
+
+
+@dataclass
 class EMAConfig:
     decay: float = 0.0
     """EMA of the trained weights (g2rpo.ema): 0 = off; Flow-GRPO uses 0.9 with update_every 8."""
@@ -466,6 +487,7 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     max_steps: int = 301
     """training steps; each is one rollout per group and one optimiser update per branching step."""
     seed: int = 42
@@ -535,6 +557,8 @@ class TrainConfig:
             raise ValueError(f"ppo.kl_beta={self.ppo.kl_beta} needs engine.kind=fsdp (the frozen reference is a "
                              f"second FSDP2-sharded transformer); engine.kind={self.engine.kind!r} has none: set "
                              f"ppo.kl_beta=0 or engine.kind=fsdp")
+        if self.lora.rank and self.engine.kind != "fsdp":
+            raise ValueError(f"lora.rank={self.lora.rank} needs engine.kind=fsdp; set lora.rank=0 or engine.kind=fsdp")
         if self.ema.decay and self.engine.kind != "fsdp":
             raise ValueError(f"ema.decay={self.ema.decay} needs engine.kind=fsdp (the average is kept per FSDP2 shard); "
                              f"set ema.decay=0 or engine.kind=fsdp")
@@ -588,7 +612,7 @@ RESUME_MAY_CHANGE = (
     "output_dir",
     "optim.lr", "optim.max_grad_norm", "optim.lr_scheduler", "optim.warmup_steps",
     "engine.fsdp_sharding", "engine.activation_checkpointing", "engine.device", "engine.load_strategy",
-    "engine.rollout_weights", "engine.compile_rollout", "ema.device", "ema.eval",
+    "engine.rollout_weights", "engine.compile_rollout", "ema.device", "ema.eval", "lora.export_merged",
     "sampling.order", "sampling.micro_batch", "trajectory.micro_batch",
     "data.index",  # the path; the content is compared on its own (g2rpo.checkpoint)
     "models.flux.path", "models.hps.base_dir", "models.hps.checkpoint", "models.clip_score.path", "models.pickscore.",

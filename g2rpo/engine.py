@@ -63,6 +63,7 @@ class Engine:
     config: dict  # the transformer's diffusers config
     autocast_dtype: torch.dtype | None = None  # torch autocast around forwards (DeepSpeed; FSDP in "autocast" mode)
     ema = None  # g2rpo.ema.ShardedEMA of the trained weights (FSDP, ema.decay > 0), updated by every step
+    lora = None  # the LoRAConfig when only peft adapters train (FSDP, lora.rank > 0; g2rpo.lora)
 
     def __init__(self, engine_cfg, optim_cfg, total_updates: int, info: DistInfo):
         self.cfg, self.info = engine_cfg, info
@@ -151,8 +152,14 @@ class Engine:
         raise NotImplementedError
 
     def param_sizes(self) -> dict[str, int]:
-        """``{name: numel}`` of every parameter in model order (for planning an export)."""
-        return {name: p.numel() for name, p in self.module.named_parameters()}
+        """``{name: numel}`` of every parameter of the exported transformer in model order (for planning an export;
+        with LoRA: the merged model's)."""
+        from g2rpo.lora import base_name, is_lora
+
+        return {base_name(name): p.numel() for name, p in self.module.named_parameters() if not is_lora(name)}
+
+    def trainable_numel(self) -> int:
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 
     def _save_scheduler(self, folder: Path) -> None:
         if self.info.is_main:
@@ -184,7 +191,7 @@ class FSDPEngine(Engine):
     """FSDP2 over all processes (one included), built on the meta device and filled from safetensors."""
 
     def __init__(self, weights_folder: Path, engine_cfg, optim_cfg, total_updates: int, info: DistInfo,
-                 mark=_no_mark, reference: bool = False, ema_cfg=None):
+                 mark=_no_mark, reference: bool = False, ema_cfg=None, lora_cfg=None, seed: int = 0):
         from diffusers import FluxTransformer2DModel
 
         from g2rpo.models import SafetensorsFolder
@@ -194,10 +201,11 @@ class FSDPEngine(Engine):
         weights = SafetensorsFolder(weights_folder)
         self.config = FluxTransformer2DModel.load_config(weights_folder)
         self.autocast_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "autocast" else None
+        self.lora, self.seed = (lora_cfg if lora_cfg is not None and lora_cfg.rank else None), seed
         self.module, self.units = self._sharded_model(weights, weights_folder, trainable=True, mark=mark)
         self.module.train()
-        self.optimizer = self._make_optimizer(self.module.parameters())
-        if reference:
+        self.optimizer = self._make_optimizer([p for p in self.module.parameters() if p.requires_grad])
+        if reference and self.lora is None:  # with LoRA the reference is the base: the adapters disabled
             self.reference, self.reference_units = self._sharded_model(weights, weights_folder, trainable=False)
             mark("reference")
         if ema_cfg is not None and ema_cfg.decay:
@@ -225,6 +233,16 @@ class FSDPEngine(Engine):
         param_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "bf16" else None
         if trainable and engine_cfg.activation_checkpointing:
             model.enable_gradient_checkpointing()  # diffusers' own: keeps the parameter names unchanged
+        lora = trainable and self.lora is not None
+        if lora:
+            from g2rpo.lora import LoraSource, add_lora
+
+            add_lora(model, self.lora)  # only the adapters require gradients
+            if param_dtype is not None:  # the frozen base in the compute dtype, the adapters in fp32
+                for param in model.parameters():
+                    if not param.requires_grad:
+                        param.data = param.data.to(param_dtype)
+            weights = LoraSource(weights, {n: tuple(p.shape) for n, p in model.named_parameters()}, self.seed)
         if not trainable:
             model.requires_grad_(False).eval()
             if param_dtype is not None:
@@ -250,7 +268,16 @@ class FSDPEngine(Engine):
     @contextlib.contextmanager
     def reference_policy(self):
         """``with engine.reference_policy() as ref:`` -- the frozen initial transformer (``ppo.kl_beta > 0``),
-        under the engine's autocast; its units are resharded on leaving. Collective (sharded forwards)."""
+        under the engine's autocast; its units are resharded on leaving. With LoRA it is the trained model with
+        its adapters disabled (the base weights, untouched by training). Collective (sharded forwards)."""
+        if self.lora is not None:
+            self.module.disable_adapters()
+            try:
+                with self.autocast(), torch.no_grad():
+                    yield self.module
+            finally:
+                self.module.enable_adapters()
+            return
         try:
             with self.autocast(), torch.no_grad():
                 yield self.reference
@@ -305,11 +332,18 @@ class FSDPEngine(Engine):
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _state_options(self):
+        """The trainable parameters only (LoRA: the adapters; the base is the pipeline's). Not strict on loading:
+        the frozen ones are not in the state, and DCP has already failed for any trainable one missing."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=True, strict=False)
+
     def save_state(self, folder: Path, group=None) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=self._state_options())
         state = {"model": model_state, "optim": optim_state}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -320,31 +354,53 @@ class FSDPEngine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=self._state_options())
         state = {"model": model_state, "optim": optim_state}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()  # loaded into the average's own shards
         dcp.load(state, checkpoint_id=str(folder / "fsdp"), process_group=group)
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self._state_options())
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self._load_scheduler(folder)
         self.mark_weights_changed()
 
-    def gather_params(self, dtype: torch.dtype, owners: dict[str, int], ema: bool = False) -> dict[str, torch.Tensor]:
+    def _full(self, param, dtype: torch.dtype) -> torch.Tensor:
+        """The whole of a sharded parameter in ``dtype`` on the compute device. Collective."""
         from torch.distributed.tensor import DTensor
 
-        comm = self.info.device  # the shards may be offloaded to the CPU; NCCL gathers on the GPU
+        local = param.to_local().detach().to(self.info.device, dtype)  # offloaded shards: NCCL gathers on the GPU
+        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                                  stride=param.stride()).full_tensor()
+
+    def gather_params(self, dtype: torch.dtype, owners: dict[str, int], ema: bool = False) -> dict[str, torch.Tensor]:
+        """With LoRA: the merged weights ``W + (alpha / rank) · B A`` under the base names."""
+        from g2rpo.lora import base_name, is_lora, merged_weight, scale
+
+        averaged = self.ema.shadow if ema else {}  # a frozen parameter has no average: its (constant) value
+        adapters = self.lora_state(ema) if self.lora is not None else {}
         mine = {}
-        averaged = self.ema.shadow if ema else {}
         for name, param in self.module.named_parameters():
-            param = averaged.get(name, param)  # a frozen parameter has no average: its (constant) value
-            local = param.to_local().detach().to(comm, dtype)
-            full = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                      shape=param.shape, stride=param.stride()).full_tensor()
-            if owners[name] == self.info.rank:
-                mine[name] = full.cpu()
+            if is_lora(name):
+                continue
+            full = self._full(averaged.get(name, param), torch.float32 if adapters else dtype)
+            layer = name.removesuffix(".base_layer.weight")
+            if layer != name:
+                full = merged_weight(full, adapters[f"{layer}.lora_A.default.weight"],
+                                     adapters[f"{layer}.lora_B.default.weight"], scale(self.lora))
+            if owners[base_name(name)] == self.info.rank:
+                mine[base_name(name)] = full.to(dtype).cpu()
         return mine
+
+    def lora_state(self, ema: bool = False) -> dict[str, torch.Tensor]:
+        """Every adapter tensor, whole, fp32, on the compute device of every rank (``ema``: the averaged ones; peft
+        names). Collective."""
+        from g2rpo.lora import is_lora
+
+        averaged = self.ema.shadow if ema else {}
+        return {name: self._full(averaged.get(name, param), torch.float32)
+                for name, param in self.module.named_parameters() if is_lora(name)}
 
 
 def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
@@ -528,6 +584,9 @@ class DeepSpeedEngine(Engine):
         return {name: (p.ds_numel if hasattr(p, "ds_numel") else p.numel())
                 for name, p in self.module.module.named_parameters()}
 
+    def trainable_numel(self) -> int:
+        return sum(self.param_sizes().values())  # no LoRA under DeepSpeed: everything trains
+
     def gather_params(self, dtype: torch.dtype, owners: dict[str, int], ema: bool = False) -> dict[str, torch.Tensor]:
         params = _zero3_full_params(self.module.module) if self.zero3 else self.module.module.named_parameters()
         return {name: p.detach().to("cpu", dtype).clone() for name, p in params if owners[name] == self.info.rank}
@@ -547,11 +606,12 @@ def build_engine(cfg, info: DistInfo, total_updates: int, mark=_no_mark) -> Engi
                                 f"folder at models.flux.path={cfg.models.flux.path}")
     if cfg.engine.kind == "fsdp":
         engine = FSDPEngine(folder, cfg.engine, cfg.optim, total_updates, info, mark, reference=cfg.ppo.kl_beta > 0,
-                            ema_cfg=cfg.ema)
+                            ema_cfg=cfg.ema, lora_cfg=cfg.lora, seed=cfg.seed)
     else:
         engine = DeepSpeedEngine(folder, cfg.engine, cfg.optim, total_updates, info, mark)
+    lora = f" (LoRA rank {cfg.lora.rank}: {engine.trainable_numel():,} trained)" if engine.lora is not None else ""
     print0(f"engine: {cfg.engine.kind} over {info.world_size} process(es), {sum(engine.param_sizes().values()):,} "
-           f"parameters, mixed precision {cfg.engine.mixed_precision}, rollout weights {cfg.engine.rollout_weights}")
+           f"parameters{lora}, mixed precision {cfg.engine.mixed_precision}, rollout weights {cfg.engine.rollout_weights}")
     return engine
 
 

@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate and score images for the evaluation table")
     p.add_argument("--base", type=Path, required=True, help="diffusers FLUX pipeline folder")
     p.add_argument("--transformer", type=Path, default=None, help="trained transformer folder (default: the base's)")
+    p.add_argument("--lora", type=Path, default=None, help="trained LoRA folder (a checkpoint's lora/ or lora_ema/)")
     p.add_argument("--prompts", type=Path, required=True, help="UTF-8 prompt file, one per line")
     p.add_argument("--models-config", type=Path, default=Path("configs/models/flux_dev.yaml"),
                    help="where the reward models live (configs/models/*.yaml)")
@@ -151,13 +152,16 @@ def image_fingerprint(args, prompts: list[str]) -> dict:
 
     # {"kind": "base"} rather than a bare string, so that a change reads "transformer.kind: was base, now ..."
     transformer = weights_identity(args.transformer) if args.transformer is not None else {"kind": "base"}
-    return {
+    identity = {
         "base": weights_identity(args.base),
         "transformer": transformer,
         "sampling": {"steps": args.steps, "guidance": args.guidance, "height": args.height, "width": args.width,
                      "seed": args.seed, "dtype": args.dtype},
         "prompts": {"count": len(prompts), "sha256": digest(prompts)},
     }
+    if args.lora is not None:  # only then, so that the fingerprints of evaluations without one stay valid
+        identity["lora"] = weights_identity(args.lora)
+    return identity
 
 
 def clear_outputs(out: Path) -> None:
@@ -178,7 +182,8 @@ def prepare_out(args, prompts: list[str]) -> str | None:
         if not (args.base / "model_index.json").is_file():
             raise FileNotFoundError(f"--base {args.base}: no model_index.json; expected a diffusers FLUX pipeline "
                                     f"folder (e.g. ckpt/flux)")
-        note = verify_export(args.transformer) if args.transformer is not None else None
+        notes = [verify_export(folder) for folder in (args.transformer, args.lora) if folder is not None]
+        note = "\n".join(notes) or None
         expected = image_fingerprint(args, prompts)
         if args.overwrite:
             clear_outputs(args.out)
@@ -237,7 +242,8 @@ def evaluate(argv=None) -> None:
     print(f"rank {info.rank}: {len(mine)} prompts, {len(todo)} to generate", flush=True)
 
     if todo:
-        pipe = load_flux_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer)
+        pipe = load_flux_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer,
+                                  lora_path=args.lora)
         pipe = pipe.to(info.device)
         pipe.set_progress_bar_config(disable=True)
         for i in todo:

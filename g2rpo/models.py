@@ -135,15 +135,23 @@ def load_vae(path: str | Path, dtype: str | torch.dtype = torch.float32):
     return AutoencoderKL.from_pretrained(folder, dtype=resolve_dtype(dtype), local_files_only=True)
 
 
-def load_flux_pipeline(path: str | Path, dtype: str | torch.dtype = torch.float32, transformer_path: str | Path | None = None):
-    """Load a ``FluxPipeline``; ``transformer_path`` swaps in a trained transformer folder."""
+def load_flux_pipeline(path: str | Path, dtype: str | torch.dtype = torch.float32, transformer_path: str | Path | None = None,
+                       lora_path: str | Path | None = None):
+    """Load a ``FluxPipeline``; ``transformer_path`` swaps in a trained transformer folder, ``lora_path`` adds a
+    trained LoRA (a checkpoint's ``lora/``: diffusers' ``load_lora_weights``, unfused)."""
     from diffusers import FluxPipeline
 
     folder = _require(Path(path), "model_index.json", "FLUX pipeline")
     kwargs = {}
     if transformer_path is not None:
         kwargs["transformer"] = load_transformer(transformer_path, dtype)
-    return FluxPipeline.from_pretrained(folder, dtype=resolve_dtype(dtype), local_files_only=True, **kwargs)
+    pipe = FluxPipeline.from_pretrained(folder, dtype=resolve_dtype(dtype), local_files_only=True, **kwargs)
+    if lora_path is not None:
+        from g2rpo.lora import WEIGHTS_NAME
+
+        _require(Path(lora_path), WEIGHTS_NAME, "LoRA")
+        pipe.load_lora_weights(str(lora_path), weight_name=WEIGHTS_NAME, local_files_only=True)
+    return pipe
 
 
 def release_memory() -> None:

@@ -455,9 +455,10 @@ def write_unified_reward_folder(directory: Path, prompts: list[str], seed: int, 
 # --------------------------------------------------------------------------------------------
 
 
-def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int = 0, force: bool = False) -> dict:
+def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int = 0, force: bool = False,
+                             only: tuple[str, ...] | None = None) -> dict:
     """Write ``flux/``, ``hps/``, ``clip_score/``, ``pickscore/``, ``imagereward/`` and ``unifiedreward/`` under
-    ``out_dir``; skip existing parts.
+    ``out_dir`` (``only``: just those parts); skip existing parts.
 
     Each part is built in a temporary directory and renamed into place, so an interrupted run never
     leaves a half-written checkpoint behind. Returns ``{part: path}``.
@@ -474,6 +475,8 @@ def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int 
     }
     written = {}
     for name, build in parts.items():
+        if only is not None and name not in only:
+            continue
         target = out_dir / name
         if force or not target.exists():
             build(target)

@@ -92,6 +92,23 @@ def model_overrides(models: ModelsConfig) -> list[str]:
             f"models.hps.checkpoint={models.hps.checkpoint}", f"models.clip_score.path={models.clip_score.path}"]
 
 
+# A 2-update step of the tiny config (T = 4, K = 2, N = 4), no samples or held-out evaluation, exact checkpoints.
+SMALL_STEP = ("sample_every=0", "eval_every=0", "data.holdout=0", "save_dtype=float32", "keep_last=0",
+              "sampling.num_steps=4", "sampling.branch_steps=[0,1]", "sampling.group_size=4")
+
+
+def small_trainer(tiny_models, tiny_embeddings, out, *overrides):
+    """An in-process `Trainer` (one rank, CPU) of configs/tiny.yaml at `SMALL_STEP` into ``out``."""
+    from g2rpo.config import TrainConfig, load_config
+    from g2rpo.distributed import DistInfo
+    from g2rpo.trainer import Trainer
+
+    cfg = load_config(TrainConfig, ROOT / "configs/tiny.yaml", [
+        *model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}", f"output_dir={out}",
+        *SMALL_STEP, *overrides])
+    return Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+
+
 @pytest.fixture(scope="session")
 def tiny_embeddings(tiny_models, tmp_path_factory) -> Path:
     """data/example_prompts.txt encoded by the 2-process preprocessing job, at the tiny default's 64 T5 positions

@@ -7,23 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, model_overrides
+from conftest import ROOT, small_trainer
 from g2rpo import checkpoint
 from g2rpo.config import TrainConfig, load_config
-from g2rpo.distributed import DistInfo
 from g2rpo.ema import ema_decay
-from g2rpo.trainer import Trainer
 
-SMALL = ("sample_every=0", "eval_every=0", "data.holdout=2", "save_dtype=float32", "keep_last=0",
-         "sampling.num_steps=4", "sampling.branch_steps=[0,1]", "sampling.group_size=4")
 EMA = ("ema.decay=0.9", "ema.update_every=2")
 
 
-def _trainer(tiny_models, tiny_embeddings, out, *overrides) -> Trainer:
-    cfg = load_config(TrainConfig, ROOT / "configs/tiny.yaml", [
-        *model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}", f"output_dir={out}", *SMALL,
-        *overrides])
-    return Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+def _trainer(tiny_models, tiny_embeddings, out, *overrides):
+    return small_trainer(tiny_models, tiny_embeddings, out, "data.holdout=2", *overrides)  # 2 held-out prompts
 
 
 def _live(trainer) -> dict[str, torch.Tensor]:

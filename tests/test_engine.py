@@ -68,6 +68,26 @@ def test_parallel_export_is_the_model_in_bf16_and_fp32(loaded, tiny_models):
         assert torch.equal(reloaded.x_embedder.weight, source["x_embedder.weight"].to(dtype))
 
 
+def test_two_rank_lora_initialises_by_name_and_merges_across_shards(loaded, tiny_models):
+    """LoRA under 2 FSDP ranks: each rank's adapter rows are the seeded, sharding-independent initialisation; the
+    merged export is W + (alpha / rank) · B A of the file's W and the gathered adapters, under the base names."""
+    out, result = loaded
+    assert result["lora_mismatched"] == [[], []]
+    source = read_weights(f"{tiny_models.flux.path}/transformer")
+    adapters = {n: torch.tensor(v) for n, v in json.loads((out / "lora.json").read_text()).items()}
+    merged = read_weights(out / "lora_merged")
+    assert merged.keys() == source.keys() and len(adapters) == 22  # A, B of 8 double- and 3 single-block projections
+    layers = {n.removesuffix(".lora_A.default.weight") for n in adapters if ".lora_A." in n}
+    for key, tensor in source.items():
+        layer = key.removesuffix(".weight")
+        if layer in layers:
+            delta = 2.0 * adapters[f"{layer}.lora_B.default.weight"] @ adapters[f"{layer}.lora_A.default.weight"]
+            assert delta.abs().max() > 0, layer
+            torch.testing.assert_close(merged[key], tensor + delta, atol=1e-6, rtol=1e-6, msg=key)
+        else:
+            assert torch.equal(merged[key], tensor), key
+
+
 def test_export_plan_is_contiguous_and_balanced():
     sizes = {f"p{i}": n for i, n in enumerate([10, 3, 7, 50, 2, 8, 20])}  # 100 in all
     for world in (1, 2, 3, 4):

@@ -131,20 +131,20 @@ def test_build_is_deterministic_and_seeded(tiny_ckpt, prompts, tmp_path):
     assert _digests(again["clip_score"]) == _digests(tiny_ckpt / "clip_score")
     assert _digests(again["pickscore"]) == _digests(tiny_ckpt / "pickscore")
     assert _digests(again["unifiedreward"]) == _digests(tiny_ckpt / "unifiedreward")  # its fit is seeded too
-    other = prepare_tiny_checkpoints(tmp_path / "other", prompts, seed=1)
+    other = prepare_tiny_checkpoints(tmp_path / "other", prompts, seed=1, only=("flux",))
     weights = "transformer/diffusion_pytorch_model.safetensors"
     assert _digests(other["flux"])[weights] != _digests(tiny_ckpt / "flux")[weights]
 
 
 def test_existing_parts_are_kept_unless_forced(tiny_ckpt, prompts, tmp_path):
-    out = tmp_path / "tiny"
-    prepare_tiny_checkpoints(out, prompts, seed=0)
+    out, flux = tmp_path / "tiny", ("flux",)  # one part shows it (every part goes through the same loop)
+    prepare_tiny_checkpoints(out, prompts, seed=0, only=flux)
     marker = out / "flux" / "model_index.json"
     before = marker.stat().st_mtime_ns
-    prepare_tiny_checkpoints(out, prompts, seed=1)  # exists: not rebuilt, so still the seed-0 weights
+    prepare_tiny_checkpoints(out, prompts, seed=1, only=flux)  # exists: not rebuilt, so still the seed-0 weights
     assert marker.stat().st_mtime_ns == before
     assert _digests(out / "flux") == _digests(tiny_ckpt / "flux")
-    prepare_tiny_checkpoints(out, prompts, seed=1, force=True)
+    prepare_tiny_checkpoints(out, prompts, seed=1, force=True, only=flux)
     assert _digests(out / "flux") != _digests(tiny_ckpt / "flux")
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 

@@ -5,6 +5,7 @@
 #   BASE=ckpt/flux TRANSFORMER=outputs/g2rpo_hps_clip/checkpoint-300/transformer \
 #     PROMPTS=data/hpdv2_test_prompts.txt MODELS=configs/models/flux_dev.yaml NPROC=8 \
 #     OUT=outputs/eval/g2rpo bash scripts/evaluation/run_eval.sh --height 720 --width 720
+#   LORA=outputs/g2rpo_lora_1gpu/checkpoint-300/lora ...   # a LoRA run's adapters on the base pipeline
 #
 # Extra arguments go to scripts/evaluation/evaluate.py (--steps, --guidance, --seed, --metrics, --limit ...).
 # OUT remembers what its images were made from (OUT/fingerprint.json); a run with another model, prompt
@@ -24,6 +25,7 @@ if [ "$BASE" = "ckpt/tiny/flux" ]; then
   extra=(--height 64 --width 64 --steps 8 --dtype float32 --device cpu --limit 16)
 fi
 [ -n "${TRANSFORMER:-}" ] && extra+=(--transformer "$TRANSFORMER")
+[ -n "${LORA:-}" ] && extra+=(--lora "$LORA")
 case "${OVERWRITE:-0}" in
   0) ;;
   1) extra+=(--overwrite) ;;

@@ -2,6 +2,7 @@
 
     python scripts/inference/infer.py --base ckpt/flux --transformer outputs/run/checkpoint-300/transformer \
         --prompt-file data/example_prompts.txt --limit 8 --out outputs/samples
+    python scripts/inference/infer.py --base ckpt/flux --lora outputs/run_lora/checkpoint-300/lora --prompt "a fox"
     python scripts/inference/infer.py --base ckpt/tiny/flux --prompt "a red fox in snow" \
         --height 64 --width 64 --dtype float32 --out outputs/tiny/inference
 
@@ -29,6 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", type=Path, default=Path("ckpt/flux"), help="diffusers FLUX pipeline folder")
     p.add_argument("--transformer", type=Path, default=None, help="trained transformer folder (config.json + safetensors)")
+    p.add_argument("--lora", type=Path, default=None, help="trained LoRA folder (a checkpoint's lora/ or lora_ema/)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--prompt-file", type=Path, help="UTF-8 file, one prompt per line")
@@ -50,7 +52,7 @@ def parse_args(argv=None):
 
 
 def check_transformer(folder: Path | None) -> None:
-    """Verify ``--transformer`` before loading it and print what was checked; a bad export ends the
+    """Verify ``--transformer`` / ``--lora`` before loading it and print what was checked; a bad export ends the
     process with one line on stderr (exit code 1), naming the file."""
     if folder is None:
         return
@@ -65,8 +67,10 @@ def main(argv=None) -> None:
     prompts = args.prompt if args.prompt else read_prompt_file(args.prompt_file)
     prompts = prompts[: args.limit] if args.limit is not None else prompts
     check_transformer(args.transformer)
+    check_transformer(args.lora)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load_flux_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer).to(device)
+    pipe = load_flux_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer,
+                              lora_path=args.lora).to(device)
     pipe.set_progress_bar_config(disable=True)
 
     args.out.mkdir(parents=True, exist_ok=True)

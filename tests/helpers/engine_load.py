@@ -4,7 +4,9 @@
 
 For both load strategies (every rank reads its slices; rank 0 reads and broadcasts), compares each
 rank's local shard with the rows of the file it should hold, then exports the weights in bf16 and
-fp32 with `checkpoint.export_transformer` (each rank one shard). Rank 0 writes ``result.json``.
+fp32 with `checkpoint.export_transformer` (each rank one shard); then the same for a LoRA engine (its
+adapters' rows of the seeded initialisation, the merged export across both ranks' shards, written as
+``lora_merged/``, and the adapters, ``lora.json``). Rank 0 writes ``result.json``.
 """
 
 import json
@@ -43,6 +45,32 @@ def clip_against_plain_model(engine, folder):
             "grad_scale": max(p.grad.abs().max().item() for p in plain.parameters())}
 
 
+def lora_engine(folder, info, out):
+    """A rank-4 LoRA engine with its lora_B set to seeded values (so that the merge is not the identity): every
+    rank's adapter rows against `initial_value`, then the merged export and the full adapters."""
+    from g2rpo.config import LoRAConfig
+    from g2rpo.lora import initial_value, is_lora
+
+    lora = LoRAConfig(rank=4, alpha=8.0)
+    engine = FSDPEngine(folder, EngineConfig(device="cpu", mixed_precision="fp32"), OptimConfig(), 1, info,
+                        lora_cfg=lora, seed=3)
+    mismatched = []
+    with torch.no_grad():
+        for name, param in engine.module.named_parameters():
+            if not is_lora(name):
+                continue
+            start, end = shard_rows(param.shape[0], info.world_size, info.rank)
+            if not torch.equal(param.to_local(), initial_value(name, tuple(param.shape), 3)[start:end]):
+                mismatched.append(name)
+            if ".lora_B." in name:
+                param.to_local().copy_(initial_value(name.replace("lora_B", "lora_A"), tuple(param.shape), 4)[start:end])
+    export_transformer(engine, out / "lora_merged", torch.float32, info)
+    adapters = {name: t.tolist() for name, t in engine.lora_state().items()}
+    if info.is_main:
+        (out / "lora.json").write_text(json.dumps(adapters))
+    return all_gather_object(mismatched)
+
+
 def main(flux_dir, out_dir):
     info = init_distributed("cpu")
     folder, out = Path(flux_dir) / "transformer", Path(out_dir)
@@ -65,6 +93,7 @@ def main(flux_dir, out_dir):
                 export_transformer(engine, out / name, dtype, info)
             result["clip"] = clip_against_plain_model(engine, folder)
         del engine
+    result["lora_mismatched"] = lora_engine(folder, info, out)
     barrier()
     if info.is_main:
         result["total_rows"] = sum(shape[0] if shape else 0 for shape in weights.shapes.values())
