@@ -4,7 +4,9 @@ A checkpoint ``<output_dir>/checkpoint-<step>/`` holds
 
 * ``transformer/`` -- the exported diffusers weights (``save_dtype``, bf16 by default, as FLUX.1-dev
   ships), one safetensors shard per rank plus the index (for inference; never purged); with ``ema.decay``,
-  ``transformer_ema/`` beside it holds the averaged weights the same way;
+  ``transformer_ema/`` beside it holds the averaged weights the same way. With LoRA the exports are
+  ``lora/`` (and ``lora_ema/``), diffusers' LoRA files, and ``transformer/`` (merged) only with
+  ``lora.export_merged``;
 * ``state/`` -- everything needed to continue: the engine's model + optimiser state (FSDP: a
   sharded torch.distributed.checkpoint; DeepSpeed: its own ZeRO checkpoint), the LR scheduler, and
   every rank's RNG states (python, numpy, torch CPU and CUDA);
@@ -124,7 +126,7 @@ def verify(path: str | Path, checksums: bool = True, rank: int = 0, world_size: 
         raise ValueError(f"{marker}: unreadable ({exc})") from None
     if committed.get("resumable") is False:
         raise ValueError(f"{path}: its resumable state was deleted (keep_last keeps only the newest); only its "
-                         f"transformer/ export remains. Resume from a newer checkpoint")
+                         f"exports (transformer/ or lora/) remain. Resume from a newer checkpoint")
     for relative, expected in manifest.items():
         if file_owner(relative, world_size) != rank:
             continue
@@ -243,6 +245,11 @@ def check_resume(path: Path, config: dict, world_size: int, data: dict) -> tuple
         raise ValueError(f"{state_file}: unreadable or incomplete ({type(exc).__name__}: {exc}); resume from "
                          f"another checkpoint") from None
     refused, changed = resume_differences(saved_config, config)
+    base = [line for line in changed if line.startswith("models.flux.path:")]
+    if base and (config["lora"]["rank"] or config["ppo"]["kl_beta"]):  # the base is part of the trained model then
+        changed.remove(base[0])
+        refused.append(f"{base[0]} (with lora.rank > 0 or ppo.kl_beta > 0 the checkpoint holds no base weights: the "
+                       f"adapters, or the KL reference, are those of the base it was trained from)")
     saved_data = state.get("data")
     if saved_data is None:  # written before data identities were recorded: the path stands for the content
         if saved_config["data"]["index"] != config["data"]["index"]:
@@ -450,7 +457,7 @@ def save(output_dir: Path, step: int, parts: Parts, info, group=None, keep_last:
 def purge(output_dir: Path, keep_last: int) -> list[Path]:
     """Delete the resumable ``state/`` of all but the newest ``keep_last`` committed checkpoints.
 
-    Their exported ``transformer/`` folders are kept for inference, and so is their part of the
+    Their exports (``transformer/``, ``lora/``, their ``_ema`` twins) are kept for inference, and so is their part of the
     manifest (``COMMITTED`` is rewritten without the ``state/`` files, so the export stays verifiable).
     """
     committed = sorted((p for p in output_dir.iterdir() if step_of(p) is not None and (p / "state").is_dir()

@@ -457,7 +457,7 @@ class EMAConfig:
     update_every: int = 1
     """average after every N-th applied optimiser update."""
     warmup: bool = True
-    """Flow-GRPO's warm-up: the decay of update u is min((1 + u) / (10 + u), decay)."""
+    """Flow-GRPO's warm-up: the decay after the s-th update is min((1 + s) / (10 + s), decay)."""
     device: str = "device"
     """where each rank keeps its shards of the average: device (the training device) | cpu (host memory)."""
     eval: bool = True
@@ -638,11 +638,14 @@ def may_change_on_resume(name: str) -> bool:
 
 def resume_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     """``(refused, changed)``: the fields that differ between a checkpoint's config and this run's, as
-    ``"field: checkpoint A != now B"`` lines, split by `RESUME_MAY_CHANGE`."""
+    ``"field: checkpoint A != now B"`` lines, split by `RESUME_MAY_CHANGE`. A field the checkpoint's config
+    lacks (written before the field existed) counts as its default, so older checkpoints resume while the new
+    option stays off."""
     a, b = flatten(saved), flatten(now)
+    defaults = flatten(to_dict(TrainConfig()))
     refused, changed = [], []
     for name in sorted(set(a) | set(b)):
-        old, new = a.get(name, "(absent)"), b.get(name, "(absent)")
+        old, new = a.get(name, defaults.get(name, "(absent)")), b.get(name, "(absent)")
         if old != new:
             line = f"{name}: checkpoint {old!r} != now {new!r}"
             (changed if may_change_on_resume(name) else refused).append(line)

@@ -1,13 +1,14 @@
 """An exponential moving average of the trained weights (``ema.decay > 0``), kept shard by shard.
 
-After optimiser update u (u = 0, 1, ... counts the updates applied, skipped ones excluded) and when
-``(u + 1) % update_every == 0``, every shadow weight moves towards the live one:
+After the s-th applied optimiser update (s = 1, 2, ...; skipped updates do not count) and when
+``(s + 1) % update_every == 0``, every shadow weight moves towards the live one:
 
-    d_u   = min((1 + u) / (10 + u), decay)      (with warmup; otherwise d_u = decay)
-    ema  <- ema + (1 - d_u) · (θ - ema)
+    d_s   = min((1 + s) / (10 + s), decay)      (with warmup; otherwise d_s = decay)
+    ema  <- ema + (1 - d_s) · (θ - ema)
 
-which is Flow-GRPO's rule (its ``EMAModuleWrapper``: decay 0.9, every 8 updates in its FLUX/SD3 configs),
-the warm-up letting the average follow the first updates closely. Each rank averages the shards it
+which is Flow-GRPO's ``EMAModuleWrapper`` rule with its ``global_step`` (decay 0.9, every 8 updates in its
+FLUX/SD3 configs), the warm-up letting the average follow the first updates closely. Flow-GRPO calls it after
+every micro-batch (several times per update under gradient accumulation); here it runs once per applied update. Each rank averages the shards it
 owns (FSDP2 DTensors: same mesh and placements as the parameters), on the training device or in host
 memory (``ema.device: cpu``), so the average costs 4 bytes per parameter divided by the ranks. It is saved
 and resumed with the model (`state_dict` holds DTensors for torch.distributed.checkpoint and the update
@@ -22,9 +23,9 @@ import contextlib
 import torch
 
 
-def ema_decay(update: int, decay: float, warmup: bool = True) -> float:
-    """d_u of the update numbered ``update`` (0-based)."""
-    return min((1 + update) / (10 + update), decay) if warmup else decay
+def ema_decay(step: int, decay: float, warmup: bool = True) -> float:
+    """d_s after the ``step``-th applied update (1-based)."""
+    return min((1 + step) / (10 + step), decay) if warmup else decay
 
 
 class ShardedEMA:
@@ -33,6 +34,7 @@ class ShardedEMA:
     def __init__(self, module: torch.nn.Module, decay: float, update_every: int = 1, warmup: bool = True,
                  device: str = "device"):
         from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
         self.decay, self.update_every, self.warmup = decay, update_every, warmup
         self.updates = 0  # optimiser updates seen
@@ -43,9 +45,10 @@ class ShardedEMA:
             local = param.to_local() if isinstance(param, DTensor) else param
             target = torch.device("cpu") if device == "cpu" else local.device
             copy = local.detach().to(target, torch.float32, copy=True)
-            if isinstance(param, DTensor):
-                copy = DTensor.from_local(copy, param.device_mesh, param.placements, run_check=False,
-                                          shape=param.shape, stride=param.stride())
+            if isinstance(param, DTensor):  # built directly: from_local would move a CPU copy to the mesh's device
+                spec = DTensorSpec(param.device_mesh, param.placements,
+                                   tensor_meta=TensorMeta(param.shape, param.stride(), torch.float32))
+                copy = DTensor(copy, spec, requires_grad=False)
             self.names.append(name)
             self.params.append(param)
             self.shadow[name] = copy
@@ -57,11 +60,11 @@ class ShardedEMA:
     @torch.no_grad()
     def update(self) -> None:
         """Call once after every applied optimiser update."""
-        u = self.updates
         self.updates += 1
-        if (u + 1) % self.update_every:
+        step = self.updates
+        if (step + 1) % self.update_every:
             return
-        weight = 1.0 - ema_decay(u, self.decay, self.warmup)
+        weight = 1.0 - ema_decay(step, self.decay, self.warmup)
         shadows = [self._local(self.shadow[n]) for n in self.names]
         lives = [self._local(p).detach().to(s.device, torch.float32) for p, s in zip(self.params, shadows)]
         torch._foreach_lerp_(shadows, lives, weight)

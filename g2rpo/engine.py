@@ -271,12 +271,10 @@ class FSDPEngine(Engine):
         under the engine's autocast; its units are resharded on leaving. With LoRA it is the trained model with
         its adapters disabled (the base weights, untouched by training). Collective (sharded forwards)."""
         if self.lora is not None:
-            self.module.disable_adapters()
-            try:
-                with self.autocast(), torch.no_grad():
-                    yield self.module
-            finally:
-                self.module.enable_adapters()
+            from g2rpo.lora import adapters_disabled
+
+            with adapters_disabled(self.module), self.autocast(), torch.no_grad():
+                yield self.module
             return
         try:
             with self.autocast(), torch.no_grad():

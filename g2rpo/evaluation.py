@@ -79,7 +79,7 @@ def summarize(records: list[dict], metrics: list[str]) -> list[dict]:
     how many do not (``unscored``: a judge's answer without a score is NaN, left out as the reference does)."""
     rows = []
     for name in (m for m in METRIC_COLUMNS if m in metrics):
-        values = np.array([r[name] for r in records], dtype=np.float64)
+        values = np.array([r[name] for r in records], dtype=np.float64)  # null -> NaN
         scored = values[np.isfinite(values)]
         mean = float(scored.mean()) if len(scored) else float("nan")
         std = float(scored.std(ddof=1)) if len(scored) > 1 else float("nan")
@@ -259,8 +259,9 @@ def evaluate(argv=None) -> None:
         chunk = mine[start:start + args.score_batch_size]
         images = torch.cat([_load_png(images_dir / f"{i:05d}.png") for i in chunk])
         scores = {name: reward.score(images, [prompts[i] for i in chunk]).tolist() for name, reward in rewards.items()}
-        records += [{"index": i, "prompt": prompts[i], "image": f"images/{i:05d}.png",
-                     **{name: values[k] for name, values in scores.items()}} for k, i in enumerate(chunk)]
+        records += [{"index": i, "prompt": prompts[i], "image": f"images/{i:05d}.png",  # no score (NaN): null
+                     **{name: None if math.isnan(values[k]) else values[k] for name, values in scores.items()}}
+                    for k, i in enumerate(chunk)]
     atomic_write_text(args.out / f".scores.rank{info.rank}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     barrier()
 

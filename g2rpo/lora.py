@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from pathlib import Path
@@ -46,6 +47,23 @@ def add_lora(model: torch.nn.Module, cfg) -> None:
                          f"({exc})") from None
     for name, param in model.named_parameters():
         param.requires_grad_(is_lora(name))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """The base model: every adapter layer skipped while inside. Only peft's flag is set -- its own
+    ``disable_adapters()`` also clears the adapters' ``requires_grad``, which FSDP2 copies once into the unsharded
+    parameters (a unit first gathered inside would train no more)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
 
 
 def is_lora(name: str) -> bool:

@@ -346,9 +346,14 @@ class Trainer:
         """`evaluate` on the held-out prompts; with an EMA and ``ema.eval``, also with the averaged weights swapped
         in (``ema_<reward>``; the trained weights are back bit for bit afterwards). Collective."""
         rewards = self.evaluate(self.heldout)
-        if self.engine.ema is not None and self.cfg.ema.eval:
-            with self.engine.ema.swapped_in():
-                rewards.update({f"ema_{name}": value for name, value in self.evaluate(self.heldout).items()})
+        ema = self.engine.ema
+        if ema is not None and self.cfg.ema.eval:
+            if ema.updates == 0:  # the average is still the initial weights: the same samples
+                averaged = dict(rewards)
+            else:
+                with ema.swapped_in():
+                    averaged = self.evaluate(self.heldout)
+            rewards.update({f"ema_{name}": value for name, value in averaged.items()})
         return rewards
 
     # ---------------------------------------------------------------- checkpoints and the loop

@@ -210,7 +210,7 @@ def test_summary_table():
     assert comparison[-1] == "| ours | 0.300 | – | 0.210 | – | – |"  # PickScore in the paper's units (/ 100)
 
     # a judge's answer without a score is NaN: left out of the mean and counted
-    records = [{"unifiedreward": 3.0}, {"unifiedreward": float("nan")}, {"unifiedreward": 4.0}]
+    records = [{"unifiedreward": 3.0}, {"unifiedreward": None}, {"unifiedreward": 4.0}]  # null in scores.jsonl
     rows = summarize(records, ["unifiedreward"])
     assert rows == [{"metric": "UnifiedReward", "mean": 3.5, "std": pytest.approx(0.7071068), "n": 2, "unscored": 1}]
     assert summary_markdown(rows).splitlines()[2] == "| 3.5000 ± 0.7071 (n=2, 1 unscored) |"

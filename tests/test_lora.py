@@ -55,6 +55,7 @@ def test_only_the_adapters_train_and_the_exports_are_the_adapter_model(tiny_mode
     assert {n for n in before if not torch.equal(before[n], after[n])} == set(trained)  # the base never moves
     with trainer.engine.reference_policy() as reference:  # the adapters disabled: the start, bit for bit
         assert torch.equal(_forward(reference), initial)
+    assert all(p.requires_grad for n, p in module.named_parameters() if n in trained)  # still training afterwards
     adapted = _forward(module)
     assert (adapted - _forward(base)).abs().max() > 1e-4  # the adapters do something
 
@@ -68,7 +69,9 @@ def test_only_the_adapters_train_and_the_exports_are_the_adapter_model(tiny_mode
     assert state_bytes < 4 * sum(p.numel() for p in base.parameters())  # adapters + AdamW only, not the base
 
 
-def test_resume_is_bit_identical(tiny_models, tiny_embeddings, tmp_path):
+def test_resume_is_bit_identical_with_its_average(tiny_models, tiny_embeddings, tmp_path):
+    """LoRA + EMA, resumed from checkpoint-1 in a new folder: the adapters, the base and the EMA are bit for bit those
+    of the uninterrupted run."""
     common = (*LORA, "max_steps=3", "checkpoint_start=1", "checkpoint_every=1", "ema.decay=0.9")
     straight = _trainer(tiny_models, tiny_embeddings, tmp_path / "a", *common)
     straight.fit()
@@ -92,3 +95,36 @@ def test_lora_config_errors(tiny_models, tiny_embeddings, tmp_path):
     with pytest.raises(ValueError, match=r"lora.target_modules=\['attn.to_qkv'\]: no layer of the FLUX transformer "
                                          r"matched"):
         _trainer(tiny_models, tiny_embeddings, tmp_path / "run", *LORA, "lora.target_modules=[attn.to_qkv]")
+
+
+def test_resume_rules_of_the_new_options(tmp_path):
+    """A checkpoint written before lora / ema existed resumes (absent = default); with LoRA (or a KL reference)
+    the base pipeline may not change on resume, since the checkpoint holds no base weights."""
+    import copy
+    import json
+
+    from g2rpo.checkpoint import check_resume
+    from g2rpo.config import resume_differences, to_dict
+
+    full = to_dict(load_config(TrainConfig, ROOT / "configs/tiny.yaml"))
+    older = copy.deepcopy(full)
+    del older["ema"], older["lora"]
+    assert resume_differences(older, full) == ([], [])
+    assert resume_differences(older, {**full, "lora": {**full["lora"], "rank": 4}})[0] == [
+        "lora.rank: checkpoint 0 != now 4"]
+
+    data = {"index": "same"}
+    for saved, refused in ((full, False), (to_dict(load_config(TrainConfig, ROOT / "configs/tiny.yaml", LORA)), True)):
+        path = tmp_path / f"checkpoint-{int(refused)}"
+        path.mkdir()
+        (path / "COMMITTED").write_text("{}")
+        (path / "trainer_state.json").write_text(json.dumps({"config": saved, "world_size": 1, "data": data}))
+        moved = copy.deepcopy(saved)
+        moved["models"]["flux"]["path"] = "ckpt/elsewhere"
+        if refused:
+            with pytest.raises(ValueError, match=r"models.flux.path: checkpoint 'ckpt/tiny/flux' != now "
+                                                 r"'ckpt/elsewhere' \(with lora.rank > 0"):
+                check_resume(path, moved, 1, data)
+        else:  # full fine-tuning: the checkpoint holds every weight, the pipeline path may move
+            assert check_resume(path, moved, 1, data)[1] == ["models.flux.path: checkpoint 'ckpt/tiny/flux' != now "
+                                                             "'ckpt/elsewhere'"]
