@@ -455,6 +455,9 @@ def write_unified_reward_folder(directory: Path, prompts: list[str], seed: int, 
 # --------------------------------------------------------------------------------------------
 
 
+TINY_PARTS = ("flux", "hps", "clip_score", "pickscore", "imagereward", "unifiedreward")
+
+
 def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int = 0, force: bool = False,
                              only: tuple[str, ...] | None = None) -> dict:
     """Write ``flux/``, ``hps/``, ``clip_score/``, ``pickscore/``, ``imagereward/`` and ``unifiedreward/`` under
@@ -473,6 +476,7 @@ def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int 
         "imagereward": lambda d: write_image_reward_folder(d, seed + 40),
         "unifiedreward": lambda d: write_unified_reward_folder(d, prompts, seed + 50),
     }
+    assert tuple(parts) == TINY_PARTS
     written = {}
     for name, build in parts.items():
         if only is not None and name not in only:
