@@ -8,12 +8,13 @@ After the s-th applied optimiser update (s = 1, 2, ...; skipped updates do not c
 
 which is Flow-GRPO's ``EMAModuleWrapper`` rule with its ``global_step`` (decay 0.9, every 8 updates in its
 FLUX/SD3 configs), the warm-up letting the average follow the first updates closely. Flow-GRPO calls it after
-every micro-batch (several times per update under gradient accumulation); here it runs once per applied update. Each rank averages the shards it
-owns (FSDP2 DTensors: same mesh and placements as the parameters), on the training device or in host
-memory (``ema.device: cpu``), so the average costs 4 bytes per parameter divided by the ranks. It is saved
-and resumed with the model (`state_dict` holds DTensors for torch.distributed.checkpoint and the update
-count), exported beside the transformer as ``transformer_ema/`` and, with ``ema.eval``, the held-out
-evaluation also samples with it (`swapped_in`).
+every micro-batch (several times per update under gradient accumulation); here it runs once per applied update.
+
+Each rank averages the shards it owns (FSDP2 DTensors: same mesh and placements as the parameters), on the
+training device or in host memory (``ema.device: cpu``), so the average costs 4 bytes per trained parameter
+divided by the ranks. It is saved and resumed with the model (`state_dict` holds DTensors for
+torch.distributed.checkpoint and the update count), exported beside the trained weights as ``transformer_ema/``
+(LoRA: ``lora_ema/``) and, with ``ema.eval``, the held-out evaluation also samples with it (`swapped_in`).
 """
 
 from __future__ import annotations

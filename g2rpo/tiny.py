@@ -455,7 +455,16 @@ def write_unified_reward_folder(directory: Path, prompts: list[str], seed: int, 
 # --------------------------------------------------------------------------------------------
 
 
-TINY_PARTS = ("flux", "hps", "clip_score", "pickscore", "imagereward", "unifiedreward")
+# part -> build(folder, prompts, seed); each model has its own seed offset.
+_BUILDERS = {
+    "flux": lambda d, prompts, seed: _write_pipeline(build_tiny_flux_pipeline(prompts, seed), d),
+    "hps": lambda d, prompts, seed: write_hps_folder(d, seed + 10),
+    "clip_score": lambda d, prompts, seed: write_open_clip_folder(build_tiny_open_clip(seed + 20), d),
+    "pickscore": lambda d, prompts, seed: write_pickscore_folder(d, seed + 30),
+    "imagereward": lambda d, prompts, seed: write_image_reward_folder(d, seed + 40),
+    "unifiedreward": lambda d, prompts, seed: write_unified_reward_folder(d, prompts, seed + 50),
+}
+TINY_PARTS = tuple(_BUILDERS)
 
 
 def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int = 0, force: bool = False,
@@ -468,22 +477,13 @@ def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = {
-        "flux": lambda d: _write_pipeline(build_tiny_flux_pipeline(prompts, seed), d),
-        "hps": lambda d: write_hps_folder(d, seed + 10),
-        "clip_score": lambda d: write_open_clip_folder(build_tiny_open_clip(seed + 20), d),
-        "pickscore": lambda d: write_pickscore_folder(d, seed + 30),
-        "imagereward": lambda d: write_image_reward_folder(d, seed + 40),
-        "unifiedreward": lambda d: write_unified_reward_folder(d, prompts, seed + 50),
-    }
-    assert tuple(parts) == TINY_PARTS
     written = {}
-    for name, build in parts.items():
+    for name, build in _BUILDERS.items():
         if only is not None and name not in only:
             continue
         target = out_dir / name
         if force or not target.exists():
-            build(target)
+            build(target, prompts, seed)
         written[name] = target
     return written
 
