@@ -503,6 +503,22 @@ def _zero3_full_params(model):
                     yield f"{prefix}.{name}" if prefix else name, p
 
 
+def _skip_cpu_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU accelerator from JIT-compiling its shared-memory all-reduce op.
+
+    On the CPU, DeepSpeed's comm backend g++-compiles ``deepspeed_shm_comm`` when it starts (1-2 min on a
+    2-core machine, again for every new virtual environment). Only its tensor-parallel *inference*
+    all-reduce (``deepspeed.comm.inference_all_reduce``) calls that op; ZeRO's gradient and parameter
+    collectives go through torch.distributed (gloo) either way, so marking the op unavailable, as DeepSpeed
+    itself does off Linux, changes no number. GPUs use NCCL and never build it.
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # probed once per process, read by deepspeed.comm
+    if "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO-2/3 around a torch AdamW (no fused-op compilation), bf16 by torch autocast."""
 
@@ -532,6 +548,8 @@ class DeepSpeedEngine(Engine):
             "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
         }
         base = self._make_optimizer(model.parameters())  # a torch optimizer: no FusedAdam compilation
+        if info.device.type == "cpu":
+            _skip_cpu_shm_comm_op()
         self.module, _, _, _ = deepspeed.initialize(model=model, optimizer=base, config=ds_config,
                                                     dist_init_required=False)
         self.optimizer = base  # ZeRO steps it and shares its param_groups; the LR scheduler drives those
