@@ -480,6 +480,73 @@ def test_two_fsdp_ranks_train_a_trajectory_method_as_one_process_does(tiny_model
 # ------------------------------------------------------------------------------------ learning
 
 
+def _trained_log_probs(trainer, groups) -> dict:
+    """``{(group, j, i): log-prob}`` of every trained transition ``x_i -> x_{i+1}`` of generation j, recomputed here
+    by `sde_step` at the recorded latents under the trainer's weights (not through the method's training chunks)."""
+    from g2rpo.rollout import VelocityField
+
+    log_probs = {}
+    for gi, group in enumerate(groups):
+        r = group.rollout
+        velocity = VelocityField.for_sampling(trainer.engine.module, group.embedding, trainer.cfg.sampling,
+                                              torch.device("cpu"))
+        for j, trained in enumerate(group.trained):
+            for i in trained:
+                with torch.no_grad():
+                    v = velocity(r.latents[j:j + 1, i], r.sigmas[i:i + 1])
+                    _, _, log_prob = sde_step(v, r.latents[j:j + 1, i], r.sigmas, i, 0.0,
+                                              prev_sample=r.latents[j:j + 1, i + 1], level=r.levels[i].item())
+                log_probs[gi, j, i] = log_prob.item()
+    return log_probs
+
+
+def _weighted_change(advantages, change, shift=0) -> float:
+    """sum over trained (group, j, i) of A * change, A of generation j + shift of the group (cyclically)."""
+    total = 0.0
+    for (gi, j, i), d in change.items():
+        a = advantages[gi]
+        jj = (j + shift) % a.shape[0]
+        total += float(a[jj] if a.dim() == 1 else a[jj, i]) * d
+    return total
+
+
+@pytest.mark.parametrize("name", ["tiny_dancegrpo.yaml", "tiny_flowgrpo.yaml", "tiny_densegrpo.yaml"])
+def test_one_update_raises_the_advantage_weighted_likelihood_and_its_twin_lowers_it(name, tiny_models,
+                                                                                  tiny_embeddings, tmp_path):
+    """Each full-trajectory method's update climbs its own objective. After one optimiser step on one step's
+    rollouts (trajectory.samples_per_update=0: first order), the change of the log-likelihood of the trained
+    transitions, recomputed independently (`sde_step` at the recorded latents), follows the advantages:
+    S = sum_(j, i trained) A_ji * (log pi_new - log pi_old)(x_i+1 | x_i) > 0, and S is larger with each
+    generation's own advantages than with those of any other generation of its group (a cyclic shift), so an
+    advantage that reached the wrong generation fails. The minimising twin (every reward weight -1; the same
+    seed: the same rollouts, A negated) gives S < 0. The update starts on-policy (clip_frac 0: the old
+    log-probs are the sampling policy's). The held-out learning signal of these three takes 48 two-rank steps
+    (docs/benchmarks.md "Learning signal"); CI runs that of MixGRPO and G2RPO."""
+    def moved(weight):
+        trainer = _trainer(name, tiny_models, tiny_embeddings, tmp_path / str(weight), "seed=0",
+                           "trajectory.samples_per_update=0", f"rewards=[{{name: hps, weight: {weight}}}, "
+                           f"{{name: clip_score, weight: {weight}}}]")
+        groups = trainer.rollout(0)
+        trainer.score(groups)
+        advantages = trainer.advantages(groups)
+        before = _trained_log_probs(trainer, groups)
+        for (gi, j, i), old in before.items():
+            assert old == pytest.approx(groups[gi].rollout.old_log_probs[j, i].item(), abs=1e-5)
+        metrics = trainer.update(groups, advantages)
+        assert (metrics["skipped_updates"], metrics["clip_frac"], trainer.engine.scheduler.last_epoch) == (0, 0, 1)
+        after = _trained_log_probs(trainer, groups)
+        return advantages, {key: after[key] - old for key, old in before.items()}
+
+    advantages, up = moved(1.0)
+    twin, down = moved(-1.0)
+    for a, t in zip(advantages, twin):
+        torch.testing.assert_close(t, -a, atol=1e-5, rtol=0)  # the same rollouts, the advantages negated
+    gain, twin_gain = _weighted_change(advantages, up), _weighted_change(advantages, down)
+    assert gain > 0 > twin_gain, (gain, twin_gain)
+    shifted = [_weighted_change(advantages, up, shift) for shift in range(1, advantages[0].shape[0])]
+    assert gain > max(shifted), (gain, shifted)
+
+
 @pytest.mark.slow
 def test_mixgrpo_raises_heldout_reward_over_its_minimising_twin(tiny_models, tiny_embeddings, tmp_path):
     """Learning signal of a full-trajectory method (trajectories, window, terminal advantages), measured:
