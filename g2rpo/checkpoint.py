@@ -245,11 +245,6 @@ def check_resume(path: Path, config: dict, world_size: int, data: dict) -> tuple
         raise ValueError(f"{state_file}: unreadable or incomplete ({type(exc).__name__}: {exc}); resume from "
                          f"another checkpoint") from None
     refused, changed = resume_differences(saved_config, config)
-    base = [line for line in changed if line.startswith("models.flux.path:")]
-    if base and (config["lora"]["rank"] or config["ppo"]["kl_beta"]):  # the base is part of the trained model then
-        changed.remove(base[0])
-        refused.append(f"{base[0]} (with lora.rank > 0 or ppo.kl_beta > 0 the checkpoint holds no base weights: the "
-                       f"adapters, or the KL reference, are those of the base it was trained from)")
     saved_data = state.get("data")
     if saved_data is None:  # written before data identities were recorded: the path stands for the content
         if saved_config["data"]["index"] != config["data"]["index"]:

@@ -632,13 +632,20 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def may_change_on_resume(name: str) -> bool:
-    return any(name == field or (field.endswith(".") and name.startswith(field)) for field in RESUME_MAY_CHANGE)
+def resume_refusal(name: str, now: dict) -> str | None:
+    """Why field ``name`` may not differ from the checkpoint's on resume under config ``now`` (flattened): ``""``
+    when it is not in `RESUME_MAY_CHANGE`, a reason when only this run's setup forbids it, None when it may."""
+    if name == "models.flux.path" and (now.get("lora.rank") or now.get("ppo.kl_beta")):  # the base is in the model
+        return (" (with lora.rank > 0 or ppo.kl_beta > 0 the checkpoint holds no base weights: the adapters, or the "
+                "KL reference, are those of the base it was trained from)")
+    if any(name == field or (field.endswith(".") and name.startswith(field)) for field in RESUME_MAY_CHANGE):
+        return None
+    return ""
 
 
 def resume_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     """``(refused, changed)``: the fields that differ between a checkpoint's config and this run's, as
-    ``"field: checkpoint A != now B"`` lines, split by `RESUME_MAY_CHANGE`. A field the checkpoint's config
+    ``"field: checkpoint A != now B"`` lines, split by `resume_refusal`. A field the checkpoint's config
     lacks (written before the field existed) counts as its default, so older checkpoints resume while the new
     option stays off."""
     a, b = flatten(saved), flatten(now)
@@ -648,7 +655,8 @@ def resume_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
         old, new = a.get(name, defaults.get(name, "(absent)")), b.get(name, "(absent)")
         if old != new:
             line = f"{name}: checkpoint {old!r} != now {new!r}"
-            (changed if may_change_on_resume(name) else refused).append(line)
+            reason = resume_refusal(name, b)
+            (changed if reason is None else refused).append(line + (reason or ""))
     return refused, changed
 
 

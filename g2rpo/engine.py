@@ -233,20 +233,17 @@ class FSDPEngine(Engine):
         param_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "bf16" else None
         if trainable and engine_cfg.activation_checkpointing:
             model.enable_gradient_checkpointing()  # diffusers' own: keeps the parameter names unchanged
-        lora = trainable and self.lora is not None
-        if lora:
+        if trainable and self.lora is not None:
             from g2rpo.lora import LoraSource, add_lora
 
             add_lora(model, self.lora)  # only the adapters require gradients
-            if param_dtype is not None:  # the frozen base in the compute dtype, the adapters in fp32
-                for param in model.parameters():
-                    if not param.requires_grad:
-                        param.data = param.data.to(param_dtype)
             weights = LoraSource(weights, {n: tuple(p.shape) for n, p in model.named_parameters()}, self.seed)
         if not trainable:
             model.requires_grad_(False).eval()
-            if param_dtype is not None:
-                model.to(param_dtype)
+        if param_dtype is not None:  # frozen weights (the LoRA base, the KL reference) in the compute dtype
+            for param in model.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(param_dtype)
         policy = dict(mesh=init_device_mesh(info.device.type, (info.world_size,)),
                       mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
                       offload_policy=CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if engine_cfg.offload
@@ -337,25 +334,28 @@ class FSDPEngine(Engine):
 
         return StateDictOptions(ignore_frozen_params=True, strict=False)
 
-    def save_state(self, folder: Path, group=None) -> None:
-        import torch.distributed.checkpoint as dcp
+    def _dcp_state(self) -> dict:
+        """The tree a DCP checkpoint holds: the model's and the optimiser's state dicts (under LoRA the adapters'
+        only) and the EMA's shards."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.module, self.optimizer, options=self._state_options())
         state = {"model": model_state, "optim": optim_state}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-        dcp.save(state, checkpoint_id=str(folder / "fsdp"), process_group=group)
+        return state
+
+    def save_state(self, folder: Path, group=None) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._dcp_state(), checkpoint_id=str(folder / "fsdp"), process_group=group)
         self._save_scheduler(folder)
 
     def load_state(self, folder: Path, group=None) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=self._state_options())
-        state = {"model": model_state, "optim": optim_state}
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()  # loaded into the average's own shards
+        state = self._dcp_state()  # the EMA is loaded into the average's own shards
         dcp.load(state, checkpoint_id=str(folder / "fsdp"), process_group=group)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self._state_options())
@@ -382,13 +382,15 @@ class FSDPEngine(Engine):
         for name, param in self.module.named_parameters():
             if is_lora(name):
                 continue
-            full = self._full(averaged.get(name, param), torch.float32 if adapters else dtype)
+            source = averaged.get(name, param)
+            full = self._full(source, source.dtype if adapters else dtype)  # collective: on every rank
+            if owners[base_name(name)] != self.info.rank:
+                continue
             layer = name.removesuffix(".base_layer.weight")
-            if layer != name:
-                full = merged_weight(full, adapters[f"{layer}.lora_A.default.weight"],
+            if layer != name:  # merged in fp32 on the rank that writes it
+                full = merged_weight(full.float(), adapters[f"{layer}.lora_A.default.weight"],
                                      adapters[f"{layer}.lora_B.default.weight"], scale(self.lora))
-            if owners[base_name(name)] == self.info.rank:
-                mine[base_name(name)] = full.to(dtype).cpu()
+            mine[base_name(name)] = full.to(dtype).cpu()
         return mine
 
     def lora_state(self, ema: bool = False) -> dict[str, torch.Tensor]:
