@@ -6,6 +6,9 @@
     python scripts/benchmark/bench_memory.py --scale outputs/bench_memory/d1s1.json outputs/bench_memory/d2s1.json \
         outputs/bench_memory/d1s2.json
     torchrun --nproc_per_node=8 scripts/benchmark/bench_memory.py --device cuda --height 720 --text-tokens 512 ...
+    torchrun --nproc_per_node=1 scripts/benchmark/bench_memory.py --device cuda --double 19 --single 38 \
+        --config configs/g2rpo_hps_clip_1gpu_lora.yaml --height 720 --text-tokens 512 --group-size 12 \
+        --num-steps 16 --warmup-steps 0 --json lora.json     # one step of the 1-GPU LoRA recipe at true size
 
 Builds (once) a FLUX pipeline at FLUX.1-dev's true widths with ``--double`` + ``--single`` blocks
 (``g2rpo.tiny.prepare_reduced_flux``: bf16 on disk, the real VAE) and random T5 / CLIP embeddings of
@@ -14,6 +17,8 @@ models unless ``--models-config`` names others) and records, on every rank, the 
 CUDA the peak device memory) of each phase: wrap, load, vae+rewards (start-up), then one whole step
 unmeasured so that the optimiser state exists, then the next step's rollout, decode+reward, update
 and checkpoint (DCP state + parallel bf16 export). Prints the largest value over ranks per phase.
+``--config`` is the training config the overrides apply to (default: the tiny one; its sampling grid is
+replaced by ``--num-steps`` / ``--branch-steps``); ``--warmup-steps 0`` measures the first step itself.
 
 ``--scale A B C`` reads three runs (1+1, 2+1 and 1+2 blocks, same world and settings): per phase, the
 increase per double and per single block, measured and as the memory model predicts it (fp32 shard
@@ -41,6 +46,11 @@ def parse_args():
     p.add_argument("--height", type=int, default=64, help="image side in pixels (the recipe: 720)")
     p.add_argument("--text-tokens", type=int, default=32, help="T5 tokens per prompt (FLUX.1-dev: 512)")
     p.add_argument("--group-size", type=int, default=4, help="N (the recipe: 12)")
+    p.add_argument("--num-steps", type=int, default=4, help="T, sampling steps (the recipe: 16)")
+    p.add_argument("--branch-steps", type=int, nargs="+", default=[0], help="branching steps (the recipe: 0..7)")
+    p.add_argument("--warmup-steps", type=int, default=1, choices=(0, 1),
+                   help="whole steps before the measured one (1: the optimiser state exists, as in every later step)")
+    p.add_argument("--config", default=str(ROOT / "configs/tiny.yaml"), help="training config the overrides apply to")
     p.add_argument("--models-config", default=str(ROOT / "configs/models/tiny.yaml"),
                    help="reward model locations (default: the tiny ones, built if missing)")
     p.add_argument("--pipeline", default=None, help="reduced pipeline folder (default: ckpt/flux_reduced_d{D}s{S})")
@@ -103,29 +113,34 @@ def measure(args) -> None:
     overrides += [f"models.hps.arch={models.hps.arch}", f"models.flux.path={pipeline}",
                   f"data.index={workdir / 'embeddings/index.jsonl'}", f"output_dir={workdir / 'run'}",
                   "overwrite=true", f"engine.device={args.device}", "engine.mixed_precision=bf16", "models.flux.dtype=bfloat16",
-                  f"sampling.height={args.height}", f"sampling.width={args.height}", "sampling.num_steps=4",
-                  "sampling.branch_steps=[0]", f"sampling.group_size={args.group_size}", "data.holdout=0",
+                  f"sampling.height={args.height}", f"sampling.width={args.height}", f"sampling.num_steps={args.num_steps}",
+                  f"sampling.branch_steps=[{','.join(map(str, args.branch_steps))}]",
+                  f"sampling.group_size={args.group_size}", "data.holdout=0",
                   "eval_every=0", "sample_every=0", "max_steps=2", *args.overrides]
-    cfg = load_config(TrainConfig, ROOT / "configs/tiny.yaml", overrides)
+    cfg = load_config(TrainConfig, args.config, overrides)
     meter = PhaseMeter(info.device)
     trainer = Trainer(cfg, info, meter)
     if not args.startup_only:
-        trainer.train_step(0)  # optimiser state exists from here on, as in every later step
-        meter.mark("first step")
-        groups = trainer.rollout(1)
+        step = args.warmup_steps
+        if step:
+            trainer.train_step(0)  # optimiser state exists from here on, as in every later step
+            meter.mark("first step")
+        groups = trainer.rollout(step)
         meter.mark("rollout")
         trainer.score(groups)
         meter.mark("decode+reward")
         trainer.update(groups, trainer.advantages(groups))
         meter.mark("update")
-        trainer.save_checkpoint(1)
+        trainer.save_checkpoint(step)
         meter.mark("checkpoint")
     ranks = all_gather_object(meter.phases)
     if info.is_main:
         params = sum(trainer.engine.param_sizes().values())
         result = {"double": args.double, "single": args.single, "world_size": info.world_size,
                   "device": info.device.type, "params": params, "height": args.height,
-                  "text_tokens": args.text_tokens, "group_size": args.group_size,
+                  "text_tokens": args.text_tokens, "group_size": args.group_size, "num_steps": args.num_steps,
+                  "branch_steps": args.branch_steps, "warmup_steps": args.warmup_steps,
+                  "config": str(args.config), "lora_rank": cfg.lora.rank,
                   "load_strategy": cfg.engine.load_strategy, "ranks": ranks}
         print_table(result)
         if args.json:

@@ -4,6 +4,7 @@
     python scripts/benchmark/bench_rollout.py --smoke         # tiny, small grid, one iteration (CI: in process)
     python scripts/benchmark/bench_rollout.py --device cuda   # true-size FLUX.1-dev transformer, random bf16 weights
     python scripts/benchmark/bench_rollout.py --compile       # plus our order on the torch.compiled transformer
+    python scripts/benchmark/bench_rollout.py --device cuda --branch-steps 0 1 --compile --json rollout.json
 
 Phases: rollout (singular-SDE sampling with multi-granularity completions), decode (VAE) and reward
 (HPS-v2.1) of every completion, and the update's forwards/backwards. "reference" = the reference
@@ -11,11 +12,15 @@ recipe's order (per generation, batch 1, nothing shared; one image decoded and s
 "ours" = the default (shared evaluations, batched completions, batched decode and scoring). Both
 runs use the same generator seed and are checked to agree. Prints a markdown table with transformer
 calls, sample-forwards, VAE decodes, reward calls, wall time per phase, peak memory and the ratio;
-on CUDA also achieved TFLOP/s and MFU against --peak-tflops.
+on CUDA also achieved TFLOP/s and MFU against --peak-tflops. ``--branch-steps`` samples fewer branching steps
+than the recipe's K = 0..7 (the rest of the recipe unchanged), for a GPU lease too short for the whole step;
+``--json`` rewrites its file after every row, so a run cut short keeps the rows it finished. On CUDA the update
+uses activation checkpointing, as the trainer's engine does.
 """
 
 import argparse
 import dataclasses
+import json
 import resource
 import time
 from pathlib import Path
@@ -62,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-reference", action="store_true", help="time only our order")
     p.add_argument("--compile", action="store_true", help="also time our order with the transformer torch.compiled "
                    "(engine.compile_rollout); its first iteration compiles and is not reported")
+    p.add_argument("--branch-steps", type=int, nargs="+", default=None,
+                   help="branching steps to sample (default: the recipe's 0..7; --smoke: 0 1 2)")
+    p.add_argument("--json", default=None, help="write the rows here, rewritten after each one")
     return p.parse_args(argv)
 
 
@@ -93,6 +101,7 @@ def build(device: str, cfg: SamplingConfig):
     torch.manual_seed(0)
     with torch.device("cuda"), default_dtype(torch.bfloat16):  # never an fp32 copy (47.6 GB) on the GPU
         transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER_CONFIG).eval()
+    transformer.enable_gradient_checkpointing()  # the engine's activation checkpointing (training forwards only)
     embedding = PromptEmbedding(torch.randn(512, 4096, device="cuda"), torch.randn(768, device="cuda"),
                                 torch.zeros(512, 3, device="cuda"))
     return transformer, None, None, embedding, torch.bfloat16
@@ -147,38 +156,59 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device
     if args.smoke:
-        cfg = SamplingConfig(num_steps=8, branch_steps=[0, 1, 2], group_size=4, height=32, width=32)
+        cfg = SamplingConfig(num_steps=8, branch_steps=args.branch_steps or [0, 1, 2], group_size=4, height=32, width=32)
     else:
         height = args.height or (64 if device == "cpu" else 720)
         cfg = SamplingConfig(height=height, width=height)  # the reference: T=16, K=0..7, G={1,2}, N=12
+        if args.branch_steps:
+            cfg = dataclasses.replace(cfg, branch_steps=args.branch_steps)
     transformer, vae, reward, embedding, dtype = build(device, cfg)
+    tokens = (cfg.height // 16) * (cfg.width // 16)
+    config = dict(transformer.config)
+    flops = transformer_flops(config, tokens)
+    params = sum(p.numel() for p in transformer.parameters())
+    report = {"device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+              "height": cfg.height, "width": cfg.width, "image_tokens": tokens, "num_steps": cfg.num_steps,
+              "branch_steps": cfg.branch_steps, "granularities": cfg.granularities, "group_size": cfg.group_size,
+              "params": params, "forward_tflop_per_sample": flops / 1e12, "peak_tflops": args.peak_tflops,
+              "rows": {}, "agree": {}}
+
+    def record(name, row):
+        if device == "cuda":
+            row["rollout_TFLOP/s"] = row["sample_forwards"] * flops / row["rollout_s"] / 1e12
+            row["MFU"] = row["rollout_TFLOP/s"] / args.peak_tflops
+        report["rows"][name] = row
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=1))
+
     orders = ["shared"] if args.skip_reference else ["reference", "shared"]
     rows, results = {}, {}
     for order in orders:
         for _ in range(args.iters):  # keep the last iteration (the first warms up allocators and kernels)
             rows[order], results[order] = run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, 16)
+        record(order, rows[order])
     if args.compile:
         compiled = torch.compile(transformer)
-        for _ in range(max(2, args.iters)):
+        for i in range(max(2, args.iters)):
             rows["compiled"], results["compiled"] = run_order("shared", transformer, vae, reward, embedding, cfg, dtype,
                                                               device, 16, policy=compiled)
+            if i == 0:
+                report["compiled_first_iteration_rollout_s"] = rows["compiled"]["rollout_s"]  # includes compiling
+        record("compiled", rows["compiled"])
     others = [name for name in rows if name != "reference"] if "reference" in rows else []
     for name in others:
         diff = (results["reference"].completions - results[name].completions).abs().max().item()
+        report["agree"][name] = diff
+        record(name, rows[name])
         assert diff < (1e-4 if device == "cpu" else 5e-2), f"{name} disagrees: max |Δ completions| = {diff}"
         print(f"reference and {rows[name]['order']} completions agree: max |Δ| = {diff:.2e}")
-    tokens = (cfg.height // 16) * (cfg.width // 16)
-    config = dict(transformer.config)
     columns = ["order", "calls", "sample_forwards", "decodes", "reward_calls", "rollout_s", "decode_s", "reward_s",
                "update_s", "peak_mem_gb"]
     if device == "cuda":
-        flops = transformer_flops(config, tokens)
-        for row in rows.values():
-            row["rollout_TFLOP/s"] = row["sample_forwards"] * flops / row["rollout_s"] / 1e12
-            row["MFU"] = row["rollout_TFLOP/s"] / args.peak_tflops
         columns += ["rollout_TFLOP/s", "MFU"]
     print(f"\n{device}, {cfg.height}x{cfg.width} ({tokens} image tokens), T={cfg.num_steps}, K={cfg.branch_steps}, "
-          f"G={cfg.granularities}, N={cfg.group_size}, {sum(p.numel() for p in transformer.parameters()):,} params\n")
+          f"G={cfg.granularities}, N={cfg.group_size}, {params:,} params\n")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows.values():
         print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
