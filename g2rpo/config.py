@@ -184,8 +184,14 @@ class SamplingConfig:
     micro_batch: int = 0
     """most samples per transformer call in the completions (and, for the full-trajectory methods, in their
     sampling); 0 = the whole group at once."""
+    timestep: str = "quantized"
+    """the transformer's timestep input: quantized, floor(σ·1000)/1000 (G²RPO's official trainer, DanceGRPO) |
+    exact, σ unrounded (Flow-GRPO feeds σ·1000 as it is)."""
 
     def __post_init__(self):
+        if self.timestep not in ("quantized", "exact"):
+            raise ValueError(f"timestep={self.timestep!r}: expected quantized (floor(σ·1000)/1000, G²RPO, DanceGRPO) or "
+                             f"exact (Flow-GRPO)")
         if self.num_steps < 2:
             raise ValueError(f"num_steps={self.num_steps}: need >= 2 (one branch step plus one completion step)")
         if self.shift <= 0:
@@ -270,8 +276,14 @@ class PPOConfig:
     """β of the KL penalty to the frozen initial transformer, ``loss + β·KL(π_θ ‖ π_ref)`` per trained transition
     (Flow-GRPO, DenseGRPO: 0.04 / 0.01); 0 (the default, as G²RPO, DanceGRPO and MixGRPO) builds no reference.
     FSDP engine only; the reference's shards take half the trained shards' memory under bf16."""
+    kl_form: str = "exact"
+    """the KL term's form: exact, the Gaussian KL mean((μ_θ − μ_ref)²)/(2·std²) of the transition | flow_grpo,
+    Flow-GRPO's code: mean((μ_θ − μ_ref)²)/(2·s²) with s the noise level, i.e. |dt| times the exact one (its β
+    values were tuned with it)."""
 
     def __post_init__(self):
+        if self.kl_form not in ("exact", "flow_grpo"):
+            raise ValueError(f"ppo.kl_form={self.kl_form!r}: expected exact or flow_grpo")
         if self.clip_range <= 0:
             raise ValueError(f"ppo.clip_range={self.clip_range}: must be > 0")
         if self.adv_clip_max <= 0:
@@ -280,6 +292,37 @@ class PPOConfig:
             raise ValueError(f"ppo.update={self.update!r}: expected per_branch or accumulate")
         if not (isinstance(self.kl_beta, (int, float)) and self.kl_beta >= 0):
             raise ValueError(f"ppo.kl_beta={self.kl_beta!r}: must be a number >= 0 (0 turns the KL term off)")
+
+
+@dataclass
+class AdvantageConfig:
+    """How rewards become group-normalised advantages, A = (R − mean R) / (std R + eps), the mean each prompt
+    group's. Each method's own code sets these differently; its configs carry its values (docs/algorithm.md,
+    "Method conventions")."""
+
+    std: str = "unbiased"
+    """unbiased (ddof 1: G²RPO, DanceGRPO, MixGRPO) | population (ddof 0: Flow-GRPO's numpy std)."""
+    eps: float = 1.0e-8
+    """added to the std (G²RPO, DanceGRPO: 1e-8; Flow-GRPO: 1e-4)."""
+    std_over: str = "group"
+    """group (each prompt group's N generations) | global (every generation of the step, on every rank:
+    Flow-GRPO's global_std, true in its recipes)."""
+    precision: str = "float32"
+    """dtype of the statistics: float32 | float64 (Flow-GRPO: numpy float64)."""
+    combine: str = "per_reward"
+    """several rewards: per_reward (each normalised, then their weighted sum: G²RPO's MGAI, DanceGRPO, MixGRPO)
+    | weighted_sum (the weighted sum of the raw scores, normalised once: Flow-GRPO's combined reward)."""
+    normalize_weights: bool = False
+    """divide the reward weights by their sum before use (MixGRPO)."""
+
+    def __post_init__(self):
+        choices = {"std": ("unbiased", "population"), "std_over": ("group", "global"),
+                   "precision": ("float32", "float64"), "combine": ("per_reward", "weighted_sum")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"advantage.{name}={getattr(self, name)!r}: expected {' or '.join(allowed)}")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise ValueError(f"advantage.eps={self.eps!r}: must be a number > 0 (1e-8; Flow-GRPO: 1e-4)")
 
 
 METHODS = ("g2rpo", "dancegrpo", "flowgrpo", "mixgrpo", "densegrpo")
@@ -298,11 +341,15 @@ class TrajectoryConfig:
     """the last transition is deterministic and never trained (DanceGRPO: its reward image is the last step's
     x̂0, which is the Euler step to σ = 0)."""
     timestep_fraction: float = 1.0
-    """each generation trains ⌊fraction · n⌋ of its n stochastic transitions, a random subset per sample
-    (DanceGRPO 0.6: 9 of 15); 1 = all, in order."""
+    """each generation trains ⌊fraction · n⌋ of its n stochastic transitions (DanceGRPO 0.6: 9 of 15; Flow-GRPO
+    0.99: 15 of 16); 1 = all, in order."""
+    select: str = "random"
+    """which ⌊fraction · n⌋: random, a random subset per sample (DanceGRPO's permutation per sample) | first, the
+    first ones in grid order, the same for every sample (Flow-GRPO)."""
     samples_per_update: int = 0
-    """generations of this rank per optimiser step (DanceGRPO's gradient_accumulation_steps: 4 on 16 GPUs);
-    0 = all of the step's (one optimiser step per training step)."""
+    """generations per optimiser step across all ranks (DanceGRPO on 16 GPUs: 4 per GPU, 64); each update takes
+    the same share of every prompt group of the step, samples_per_update / (ranks · data.prompts_per_rank), so
+    any world size runs the same updates; 0 = all of the step's (one optimiser step per training step)."""
     micro_batch: int = 1
     """transitions per training forward (1 = the reference's batch-1 order; more is the same loss up to float
     rounding, in fewer calls)."""
@@ -312,6 +359,8 @@ class TrajectoryConfig:
             raise ValueError(f"trajectory.noise={self.noise!r}: expected flow_grpo, dance or psi")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"trajectory.timestep_fraction={self.timestep_fraction}: must be in (0, 1]")
+        if self.select not in ("random", "first"):
+            raise ValueError(f"trajectory.select={self.select!r}: expected random (DanceGRPO) or first (Flow-GRPO)")
         if self.samples_per_update < 0 or self.micro_batch < 0:
             raise ValueError(f"trajectory.samples_per_update={self.samples_per_update}, micro_batch="
                              f"{self.micro_batch}: must be >= 0")
@@ -484,6 +533,7 @@ class TrainConfig:
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("hps")])
     optim: OptimConfig = field(default_factory=OptimConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -547,12 +597,6 @@ class TrainConfig:
             raise ValueError(f"io_timeout_minutes={self.io_timeout_minutes}: must be > 0")
         if self.decode_batch_size < 1:
             raise ValueError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
-        if self.method != "g2rpo" and not self.trajectory.samples_per_update == 0:
-            per_rank = self.sampling.group_size * self.data.prompts_per_rank
-            if per_rank % self.trajectory.samples_per_update:
-                raise ValueError(f"trajectory.samples_per_update={self.trajectory.samples_per_update}: must divide "
-                                 f"the {per_rank} generations of a rank's step (sampling.group_size x "
-                                 f"data.prompts_per_rank)")
         if self.ppo.kl_beta and self.engine.kind != "fsdp":
             raise ValueError(f"ppo.kl_beta={self.ppo.kl_beta} needs engine.kind=fsdp (the frozen reference is a "
                              f"second FSDP2-sharded transformer); engine.kind={self.engine.kind!r} has none: set "
@@ -565,6 +609,23 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise ValueError(f"overwrite=true with resume={self.resume!r}: choose one -- continue the run in "
                              f"output_dir (resume) or delete it and start afresh (overwrite)")
+
+
+def update_share(cfg: "TrainConfig", world_size: int) -> int:
+    """Generations of each prompt group per optimiser update: ``trajectory.samples_per_update`` spread evenly over
+    the step's ``world_size · data.prompts_per_rank`` groups (the whole group where it is 0). Refused in one line
+    where it does not divide."""
+    n, total = cfg.sampling.group_size, cfg.trajectory.samples_per_update
+    if cfg.method == "g2rpo" or total == 0:
+        return n
+    groups = world_size * cfg.data.prompts_per_rank
+    share, rest = divmod(total, groups)
+    if rest or share == 0 or n % share:
+        raise ValueError(f"trajectory.samples_per_update={total}: generations per optimiser step across all ranks, "
+                         f"taken evenly from the step's {groups} prompt groups ({world_size} rank(s) x "
+                         f"data.prompts_per_rank={cfg.data.prompts_per_rank}); needs a multiple of {groups} whose "
+                         f"share per group divides sampling.group_size={n}")
+    return share
 
 
 def _default(cls, name):

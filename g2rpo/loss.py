@@ -34,8 +34,12 @@ def ppo_clip_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     return loss, stats
 
 
-def reference_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def reference_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, dt: torch.Tensor | None = None,
+                 form: str = "exact") -> torch.Tensor:
     """``KL(π_θ(·|x_t) ‖ π_ref(·|x_t))`` of one SDE transition, averaged over its elements -> ``[B]``.
+
+    ``form="flow_grpo"`` is Flow-GRPO's code instead: ``mean((μ_θ − μ_ref)²) / (2·s²)`` with ``s`` the noise level,
+    ``std = s·sqrt(|dt|)``, so it is ``|dt|`` (0-d or ``[B]``) times the exact KL (``ppo.kl_form``).
 
     Both policies' transitions are Gaussians with the same standard deviation ``std`` (it depends on the
     grid and the noise level only), so per element ``KL = (μ_θ − μ_ref)² / (2·std²)``; averaged over the
@@ -46,4 +50,9 @@ def reference_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) 
     if mean.shape[1:] != ref_mean.shape[1:]:
         raise ValueError(f"mean {tuple(mean.shape)} and reference mean {tuple(ref_mean.shape)} differ in shape")
     squared = (mean.float() - ref_mean.float().detach()) ** 2 / (2 * std.float() ** 2)
-    return squared.flatten(1).mean(dim=1)
+    kl = squared.flatten(1).mean(dim=1)
+    if form == "exact":
+        return kl
+    if form != "flow_grpo" or dt is None:
+        raise ValueError(f"reference_kl form={form!r}: expected exact, or flow_grpo with the steps dt")
+    return kl * dt.float().abs().to(kl.device)

@@ -1,11 +1,12 @@
-"""The method family as configuration (../shared/METHODS.md): how a group is sampled (a), which
-transitions are trained (b), how rewards become per-transition advantages (c).
+"""The method family as configuration: how a group is sampled (a), which transitions are trained (b), how
+rewards become per-transition advantages (c); each method's own conventions (advantage statistics, trained
+transitions, KL form, timestep feed, reward weights) are config fields (docs/algorithm.md, "Method conventions").
 
 | ``method`` | (a) a group of N | (b) trained transitions | (c) advantage |
 |---|---|---|---|
 | ``g2rpo`` | singular: one ODE anchor, one SDE step per branch step k, granular ODE completions | the K branch steps, one forward at ``(a_k, σ_k)`` shared by the group | MGAI (`mgai_advantages`) |
 | ``dancegrpo`` | N full SDE trajectories, constant noise η (``trajectory.noise: dance``), last step deterministic | ``⌊fraction·(T−1)⌋`` random transitions per sample | terminal (`terminal_advantages`) |
-| ``flowgrpo`` | N full SDE trajectories, ``s = η·sqrt(σ/(1−σ))`` | ``⌊fraction·T⌋`` random transitions per sample | terminal |
+| ``flowgrpo`` | N full SDE trajectories, ``s = η·sqrt(σ/(1−σ))`` | the first ``⌊fraction·T⌋`` transitions, every sample (``trajectory.select: first``) | terminal |
 | ``mixgrpo`` | ODE except a window of SDE transitions that moves during training (`window_transitions`) | the window | terminal |
 | ``densegrpo`` | N full SDE trajectories (noise ``flow_grpo`` or a calibrated ψ table) + the ODE completion of every ``x_i`` | ``⌊fraction·T⌋`` per sample | dense gains (`dense_advantages`) |
 
@@ -25,7 +26,8 @@ from typing import Callable
 
 import torch
 
-from g2rpo.advantages import dense_advantages, mgai_advantages, terminal_advantages
+from g2rpo.advantages import Normalization, dense_advantages, mgai_advantages, terminal_advantages
+from g2rpo.config import update_share
 from g2rpo.flow import gaussian_log_prob, noise_level, sde_step_stats, sigma_schedule
 from g2rpo.rollout import Transition, VelocityField, policy_transition, singular_sde_rollout
 from g2rpo.trajectory import compressed_grid, sde_trajectories
@@ -117,11 +119,13 @@ class SingularMethod:
         """``[R, ...]``: what ``reward/<name>`` averages (every completion's reward)."""
         return group.rewards
 
-    def advantages(self, groups, weights) -> list[torch.Tensor]:
-        """``[N, K]`` per group: MGAI over every group of this rank (each group normalised on its own)."""
-        n = self.sampling.group_size
+    def advantages(self, groups, weights, gather=None) -> list[torch.Tensor]:
+        """``[N, K]`` per group: MGAI over every group of this rank (each group normalised on its own; with
+        ``advantage.std_over: global`` the std over ``gather``'s every group of the step, on every rank)."""
+        n, norm = self.sampling.group_size, Normalization.from_config(self.cfg.advantage)
         rewards = torch.cat([group.rewards for group in groups], dim=2)
-        flat = mgai_advantages(rewards, n, self.cfg.ppo.adv_clip_max, weights)
+        pooled = gather(rewards, 2) if norm.pooled_std else None
+        flat = mgai_advantages(rewards, n, self.cfg.ppo.adv_clip_max, weights, norm, pooled)
         return list(flat.split(n))
 
     def units(self, groups, advantages, compute_dtype=None) -> list[list[Chunk]]:
@@ -147,9 +151,10 @@ class TrajectoryMethod:
 
     backward_per_chunk = True  # up to hundreds of training forwards per update: one backward each
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, world_size: int = 1):
         self.cfg, self.tcfg = cfg, cfg.trajectory
         self.name = cfg.method
+        self.share = update_share(cfg, world_size)  # generations of each group per optimiser update
         self.dense = cfg.method == "densegrpo"
         t = self.sampling.num_steps
         sigmas = sigma_schedule(t, self.sampling.shift)
@@ -188,11 +193,8 @@ class TrajectoryMethod:
             sigmas = compressed_grid(self.sampling.num_steps, self.sampling.shift, window[-1], w.post_compress)
         return sigmas, (window[-1] + 1 if w.solver == "dpmsolver++" and window else None)
 
-    def samples_per_update(self) -> int:
-        return self.tcfg.samples_per_update or self.sampling.group_size * self.cfg.data.prompts_per_rank
-
     def updates_per_step(self) -> int:
-        return self.sampling.group_size * self.cfg.data.prompts_per_rank // self.samples_per_update()
+        return self.sampling.group_size // self.share
 
     def rollout(self, policy, embedding, generator, step, device):
         sigmas, dpm_from = self.grid(step)
@@ -232,30 +234,36 @@ class TrajectoryMethod:
         """``[R, N]``: what ``reward/<name>`` averages (the final images' rewards)."""
         return group.rewards[..., -1] if self.dense else group.rewards
 
-    def advantages(self, groups, weights) -> list[torch.Tensor]:
-        """Per group: ``[N]`` (terminal) or ``[N, T]`` (dense)."""
+    def advantages(self, groups, weights, gather=None) -> list[torch.Tensor]:
+        """Per group: ``[N]`` (terminal) or ``[N, T]`` (dense); with ``advantage.std_over: global`` the std over
+        ``gather``'s every generation of the step, on every rank."""
         n, clip = self.sampling.group_size, self.cfg.ppo.adv_clip_max
-        if self.dense:
-            return [dense_advantages(g.rewards, n, clip, weights) for g in groups]
-        return [terminal_advantages(g.rewards, n, clip, weights) for g in groups]
+        norm = Normalization.from_config(self.cfg.advantage)
+        pooled = gather(torch.cat([g.rewards for g in groups], dim=1), 1) if norm.pooled_std else None
+        advantages = dense_advantages if self.dense else terminal_advantages
+        return [advantages(g.rewards, n, clip, weights, norm, pooled) for g in groups]
 
     def trained_transitions(self, rollout, generator: torch.Generator) -> list[list[int]]:
-        """Per generation, the grid indices of the transitions it trains: all stochastic ones, or a random
-        ``⌊fraction·n⌋`` of them (a permutation per sample, DanceGRPO's order)."""
+        """Per generation, the grid indices of the transitions it trains: all stochastic ones, or ``⌊fraction·n⌋``
+        of them -- a random subset per sample (``trajectory.select: random``, a permutation per sample, DanceGRPO's
+        order) or the first ones in grid order for every sample (``first``, Flow-GRPO)."""
         candidates = rollout.stochastic
         fraction = self.tcfg.timestep_fraction
         if fraction >= 1:
             return [list(candidates) for _ in range(self.sampling.group_size)]
         count = max(1, math.floor(fraction * len(candidates)))
+        if self.tcfg.select == "first":
+            return [list(candidates[:count]) for _ in range(self.sampling.group_size)]
         return [[candidates[j] for j in torch.randperm(len(candidates), generator=generator)[:count].tolist()]
                 for _ in range(self.sampling.group_size)]
 
     def units(self, groups, advantages, compute_dtype=None) -> list[list[Chunk]]:
-        n, per_update, size = self.sampling.group_size, self.samples_per_update(), self.tcfg.micro_batch
-        flat = [(gi, j) for gi in range(len(groups)) for j in range(n)]
+        """One unit per optimiser update: generations ``u·share .. (u+1)·share − 1`` of every group of this rank,
+        so that one process holding P groups makes the same updates as P ranks holding one each."""
+        n, share, size = self.sampling.group_size, self.share, self.tcfg.micro_batch
         units = []
-        for begin in range(0, len(flat), per_update):
-            samples = flat[begin:begin + per_update]
+        for begin in range(0, n, share):
+            samples = [(gi, j) for gi in range(len(groups)) for j in range(begin, begin + share)]
             total = sum(len(groups[gi].trained[j]) for gi, j in samples)
             unit = []
             for gi in dict.fromkeys(gi for gi, _ in samples):  # chunks stay within one prompt
@@ -281,10 +289,13 @@ class TrajectoryMethod:
             at = index.to(x.device)
             v = velocity(x, r.sigmas[at])
             mean, std, _ = sde_step_stats(x, v, r.sigmas, at, 0.0, level=r.levels.to(x.device)[index])
-            return Transition(gaussian_log_prob(r.latents[gen, index + 1], mean, std), mean, std)
+            dt = r.sigmas[at + 1] - r.sigmas[at]
+            return Transition(gaussian_log_prob(r.latents[gen, index + 1], mean, std), mean, std, dt)
 
         return Chunk(transition, r.old_log_probs[gen, index], advantages, weight)
 
 
-def build_method(cfg):
-    return SingularMethod(cfg) if cfg.method == "g2rpo" else TrajectoryMethod(cfg)
+def build_method(cfg, world_size: int = 1):
+    """The method of ``cfg`` for a run on ``world_size`` ranks (the full-trajectory methods split their global
+    ``trajectory.samples_per_update`` over the step's prompt groups)."""
+    return SingularMethod(cfg) if cfg.method == "g2rpo" else TrajectoryMethod(cfg, world_size)

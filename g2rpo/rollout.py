@@ -85,7 +85,8 @@ class VelocityField:
     """
 
     def __init__(self, policy, embedding: PromptEmbedding, image_ids: torch.Tensor, guidance: float,
-                 micro_batch: int = 0, compute_dtype: torch.dtype | None = None):
+                 micro_batch: int = 0, compute_dtype: torch.dtype | None = None, quantize: bool = True):
+        self.quantize = quantize  # the timestep input floor(σ·1000)/1000 (the reference) or σ itself (Flow-GRPO)
         self.policy = policy
         self.embedding = embedding
         self.image_ids = image_ids
@@ -100,7 +101,8 @@ class VelocityField:
                      compute_dtype: torch.dtype | None = None) -> "VelocityField":
         """The field at ``cfg``'s resolution and guidance (image position ids built for it)."""
         h, w = latent_size(cfg.height, cfg.width)
-        return cls(policy, embedding, latent_image_ids(h, w, device=device), cfg.guidance, micro_batch, compute_dtype)
+        return cls(policy, embedding, latent_image_ids(h, w, device=device), cfg.guidance, micro_batch, compute_dtype,
+                   quantize=cfg.timestep == "quantized")
 
     def _forward(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = latents.shape[0]
@@ -110,7 +112,7 @@ class VelocityField:
             hidden_states=latents.to(dtype),
             encoder_hidden_states=embed.prompt_embeds.to(dtype).expand(b, -1, -1),
             pooled_projections=embed.pooled_prompt_embeds.to(dtype).expand(b, -1),
-            timestep=quantize_timestep(sigma).to(latents.device, dtype).expand(b),
+            timestep=(quantize_timestep(sigma) if self.quantize else sigma.float()).to(latents.device, dtype).expand(b),
             img_ids=self.image_ids,
             txt_ids=embed.text_ids,
             guidance=torch.full((b,), self.guidance, device=latents.device, dtype=dtype),
@@ -283,12 +285,14 @@ def singular_sde_rollout(policy, embedding: PromptEmbedding, cfg: SamplingConfig
 
 
 class Transition(NamedTuple):
-    """A training forward's transitions under one policy: ``log_probs [m]`` of the stored next latents, and the
-    Gaussian ``mean`` (``[m, ...]``, or ``[1, ...]`` shared by the m) and ``std`` they were scored under."""
+    """A training forward's transitions under one policy: ``log_probs [m]`` of the stored next latents, the
+    Gaussian ``mean`` (``[m, ...]``, or ``[1, ...]`` shared by the m) and ``std`` they were scored under, and the
+    step ``dt = σ_{i+1} − σ_i`` of each (0-d or ``[m]``; the Flow-GRPO form of the KL term reads it)."""
 
     log_probs: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    dt: torch.Tensor | None = None
 
 
 def policy_transition(policy, embedding: PromptEmbedding, rollout: RolloutResult, branch_index: int,
@@ -304,7 +308,8 @@ def policy_transition(policy, embedding: PromptEmbedding, rollout: RolloutResult
     velocity = VelocityField.for_sampling(policy, embedding, cfg, a_k.device, compute_dtype=compute_dtype)
     v = velocity(a_k, rollout.sigmas[k])
     mean, std, _ = sde_step_stats(a_k, v, rollout.sigmas, k, cfg.eta)
-    return Transition(gaussian_log_prob(rollout.next_latents[:, branch_index], mean, std), mean, std)
+    return Transition(gaussian_log_prob(rollout.next_latents[:, branch_index], mean, std), mean, std,
+                      rollout.sigmas[k + 1] - rollout.sigmas[k])
 
 
 def policy_log_probs(policy, embedding: PromptEmbedding, rollout: RolloutResult, branch_index: int,

@@ -34,7 +34,7 @@ def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
 
     s, world = cfg.sampling, nnodes * nproc_per_node
     groups = world * cfg.data.prompts_per_rank
-    k = build_method(cfg).updates_per_step()
+    k = build_method(cfg, world).updates_per_step()
     if cfg.method == "g2rpo":
         sampling = f"K={s.branch_steps}, G={s.granularities}, update={cfg.ppo.update}"
     else:

@@ -104,7 +104,7 @@ class Trainer:
         self.dataset, self.heldout = dataset.split(cfg.data.holdout)
         # One model at a time, each freed of its loading buffers before the next: the transformer is read
         # shard by shard into the engine, then the VAE, then each reward model.
-        self.method = build_method(cfg)
+        self.method = build_method(cfg, info.world_size)
         self.engine = build_engine(cfg, info, cfg.max_steps * self.method.updates_per_step(), meter.mark)
         self.vae = load_vae(cfg.models.flux.path, cfg.models.flux.dtype).to(device).eval().requires_grad_(False)
         self.rewards = {}
@@ -113,6 +113,8 @@ class Trainer:
             release_memory()
         meter.mark("vae+rewards")
         self.reward_weights = torch.tensor([spec.weight for spec in cfg.rewards])
+        if cfg.advantage.normalize_weights:  # MixGRPO: the weights sum to 1 (in magnitude: a negated twin stays negated)
+            self.reward_weights = self.reward_weights / self.reward_weights.abs().sum()
         self.schedule = GroupSchedule(len(self.dataset), info.world_size, cfg.data.prompts_per_rank, cfg.seed,
                                       cfg.data.shuffle)
         self.io_group = io_group(cfg.io_timeout_minutes)
@@ -193,7 +195,11 @@ class Trainer:
 
     def advantages(self, groups: list[Group]) -> list[torch.Tensor]:
         """Per group, the advantage of every trained transition (G²RPO: MGAI, ``[N, K]``)."""
-        return self.method.advantages(groups, self.reward_weights)
+        return self.method.advantages(groups, self.reward_weights, gather=self._gather)
+
+    def _gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """``tensor`` of every rank, concatenated along ``dim`` in rank order (one rank: itself)."""
+        return torch.cat([t.to(tensor.device) for t in all_gather_object(tensor.cpu())], dim=dim)
 
     def update(self, groups: list[Group], advantages: list[torch.Tensor]) -> dict[str, float]:
         """The method's optimiser updates, in order (G²RPO: one per branching step k, §5).
@@ -218,7 +224,7 @@ class Trainer:
                 if beta:  # + β·KL(π_θ ‖ π_ref) of the same transitions (g2rpo.loss.reference_kl)
                     with self.engine.reference_policy() as reference:
                         ref_mean = chunk.transition(reference).mean
-                    kl = reference_kl(new.mean, ref_mean, new.std).mean()
+                    kl = reference_kl(new.mean, ref_mean, new.std, new.dt, self.cfg.ppo.kl_form).mean()
                     loss = loss + beta * kl
                     chunk_stats["kl_ref"] = kl.detach()
                 stats.append(chunk_stats)

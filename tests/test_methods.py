@@ -207,8 +207,10 @@ def test_method_fields_are_checked(tiny_models, tmp_path):
         _cfg("tiny_dancegrpo.yaml", tiny_models, tmp_path, "sampling.granularities=[1,2,3]")
     with pytest.raises(ValueError, match=r"sampling.branch_steps \[15\]"):
         _cfg("tiny.yaml", tiny_models, tmp_path, "sampling.branch_steps=[0,15]")
-    with pytest.raises(ValueError, match="samples_per_update=3: must divide the 8 generations"):
-        _cfg("tiny_dancegrpo.yaml", tiny_models, tmp_path, "trajectory.samples_per_update=3")
+    from g2rpo.config import update_share
+
+    with pytest.raises(ValueError, match=r"samples_per_update=3: .* share per group divides sampling.group_size=8"):
+        update_share(_cfg("tiny_dancegrpo.yaml", tiny_models, tmp_path, "trajectory.samples_per_update=3"), 1)
 
 
 # ------------------------------------------------------------------------------------ trajectories
@@ -335,7 +337,8 @@ def test_kl_to_the_reference_is_zero_at_the_start_then_measured_against_the_base
     """ppo.kl_beta (one optimiser update per step here): step 0 starts at the reference, so its KL is 0 and --
     its gradient being 0 there -- the step trains exactly as without the term; at step 1 the logged KL equals
     `reference_kl` against the base transformer loaded afresh (an independent model: the reference stayed
-    the initial weights), and the term changes the update."""
+    the initial weights), and the term changes the update. tiny_flowgrpo.yaml takes Flow-GRPO's KL form (|dt| times
+    the exact one, tests/test_conventions.py), tiny.yaml the exact one."""
     from g2rpo.loss import reference_kl
 
     plain = _trainer(name, tiny_models, tiny_embeddings, tmp_path / "plain", *overrides)
@@ -355,7 +358,8 @@ def test_kl_to_the_reference_is_zero_at_the_start_then_measured_against_the_base
     for chunk in kl.method.units(groups, advantages)[0]:
         with torch.no_grad():
             new = chunk.transition(kl.engine.module)
-            expected.append(reference_kl(new.mean, chunk.transition(base).mean, new.std).mean())
+            expected.append(reference_kl(new.mean, chunk.transition(base).mean, new.std, new.dt,
+                                         kl.cfg.ppo.kl_form).mean())  # tiny_flowgrpo: Flow-GRPO's form
     expected = torch.stack(expected).mean().item()
     assert kl.update(groups, advantages)["kl_ref"] == pytest.approx(expected, rel=1e-4) and expected > 0
     plain.train_step(1)
