@@ -553,7 +553,9 @@ class TrainConfig:
     decode_batch_size: int = 16
     """VAE decodes per call when scoring completions."""
     resume: str = ""
-    """"" (fresh start), "auto" (latest committed checkpoint in output_dir, else fresh), or a checkpoint path."""
+    """how the run starts, spelt the same in a YAML file, a resume=... override, --resume and RESUME=: none or ""
+    (a fresh start; refused where output_dir holds a run), auto (the newest committed checkpoint in output_dir,
+    else fresh), or a checkpoint folder."""
     keep_last: int = 1
     """keep the resumable state (FLUX.1-dev: 143 GB) of only the newest N checkpoints (0 = all); the exported
     transformers are always kept."""
@@ -573,6 +575,7 @@ class TrainConfig:
     checkpoints); without it such a folder is refused unless resume=auto continues it."""
 
     def __post_init__(self):
+        self.resume = normalize_resume(self.resume)
         _check_method_fields(self)
         if not self.rewards:
             from g2rpo.reward_registry import training_rewards
@@ -607,8 +610,14 @@ class TrainConfig:
             raise ValueError(f"ema.decay={self.ema.decay} needs engine.kind=fsdp (the average is kept per FSDP2 shard); "
                              f"set ema.decay=0 or engine.kind=fsdp")
         if self.overwrite and self.resume:
-            raise ValueError(f"overwrite=true with resume={self.resume!r}: choose one -- continue the run in "
-                             f"output_dir (resume) or delete it and start afresh (overwrite)")
+            raise ValueError(f"overwrite=true with resume={self.resume}: choose one -- continue the run in output_dir "
+                             f"(resume; RESUME= for the launchers) or delete it and start afresh (overwrite; OVERWRITE=1)")
+
+
+def normalize_resume(value) -> str:
+    """``resume`` in one spelling: "" (fresh; also "none" and a YAML null), "auto", or the checkpoint path as given."""
+    text = "" if value is None else str(value).strip()
+    return "" if text.lower() in ("", "none", "null") else "auto" if text.lower() == "auto" else text
 
 
 def update_share(cfg: "TrainConfig", world_size: int) -> int:
@@ -726,8 +735,9 @@ def resume_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping; ``where`` prefixes every error (file and dotted path)."""
+def from_dict(cls: type[T], data: Any, where: str = "config", nested: bool = False) -> T:
+    """Build dataclass ``cls`` from a mapping; ``where`` prefixes every error: the source (a file), then
+    ``: `` and the dotted path of the field (``configs/tiny.yaml: ema.decay``)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -737,16 +747,20 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if nested else f"{where}: {name}")
+              for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+    except ValueError as exc:  # a field check of the section; its message usually names the field in full
+        source, _, section = where.partition(": ")
+        text = str(exc)
+        raise ValueError(f"{source}: {text}" if section and text.startswith(f"{section}.") else f"{where}: {text}") \
+            from None
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, nested=True)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -812,7 +826,37 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ValueError(f"{path}: not valid YAML ({exc})") from exc
     apply_overrides(data, overrides or [])
-    return from_dict(cls, data, where)
+    try:
+        return from_dict(cls, data, where)
+    except ValueError as exc:
+        raise ValueError(attribute_error(str(exc), where, overrides or [])) from None
+
+
+def _unknown_keys(text: str) -> list[str]:
+    return text.partition(";")[0].removeprefix("unknown key(s) ").split(", ") if text.startswith("unknown key(s) ") \
+        else []
+
+
+def attribute_error(message: str, source: str, overrides: list[str]) -> str:
+    """``message`` (``"<source>: <field path>: <what is wrong>"`` or ``"<source>: <what is wrong>"``) with its source
+    named as the command-line override where the value came from one: the field path is the overridden key (or
+    below it), or the message names an overridden field of its section (``num_steps=1``, ``ema.decay=1.5``, an
+    unknown key)."""
+    if not message.startswith(f"{source}: ") or not overrides:
+        return message
+    rest = message[len(source) + 2:]
+    path, sep, what = rest.partition(": ")
+    path = path.partition("=")[0] if sep and " " not in path else ""  # "ema.decay" of "ema.decay=1.5: ..."
+    for override in overrides:
+        key = override.partition("=")[0]
+        parent, _, leaf = key.rpartition(".")
+        if path and (path == key or path.startswith((f"{key}.", f"{key}[")) or (
+                parent == path and (what.startswith(f"{leaf}=") or leaf in _unknown_keys(what)))):
+            return f"command-line override {override}: {what}"
+        if not path and (any(f"{name}{c}" in rest for name in (leaf, key) for c in ("=", " "))
+                         or key.split(".")[0] in _unknown_keys(rest)):
+            return f"command-line override {override}: {rest}"
+    return message
 
 
 def to_dict(config: Any) -> dict:

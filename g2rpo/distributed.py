@@ -35,7 +35,9 @@ def init_distributed(device: str | None = None) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for, but torch.cuda.is_available() is False")
+        raise ValueError(f"device cuda was asked for (engine.device=cuda or --device cuda), but torch {torch.__version__} "
+                         f"sees no GPU here (torch.cuda.is_available() is False); use the CPU (engine.device=cpu, "
+                         f"--device cpu) or a machine with a GPU")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -78,6 +80,13 @@ def _rendezvous_store(rank: int, world_size: int, timeout_minutes: int = 30):
                           world_size, is_master=not agent_store and rank == 0,
                           timeout=timedelta(minutes=timeout_minutes), multi_tenant=not agent_store)
     return dist.PrefixStore(f"g2rpo/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def process_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: the process group's, else torchrun's environment, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_distributed() -> bool:

@@ -24,12 +24,12 @@ import io
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from g2rpo.cli import Refusal
 from g2rpo.io import atomic_write_text, write_png, write_png_grid
 from g2rpo.reward_registry import REWARDS
 
@@ -39,7 +39,7 @@ METRIC_COLUMNS = {name: entry.column for name, entry in REWARDS.items()}
 OUTPUT_FILES = ("fingerprint.json", "scores.jsonl", "summary.md", "summary.csv", "grid.png", "settings.json")
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(Refusal, RuntimeError):
     """A run that cannot start (stale outputs, a corrupted or uncommitted export): one line, no traceback."""
 
 
@@ -209,16 +209,11 @@ def _prepare_all_ranks(args, prompts: list[str], info) -> None:
 
 
 def main(argv=None) -> None:
-    """The CLI: `evaluate`, then leave through `g2rpo.distributed.teardown` (exit 1 after an error)."""
-    from g2rpo.distributed import RankFailure, teardown
+    """The CLI: `evaluate`, then leave through `g2rpo.distributed.teardown`. A refusal (`EvaluationError`, rank 0's;
+    the other ranks get `RankFailure` and leave quietly) ends the process through `g2rpo.cli.run_main`."""
+    from g2rpo.distributed import teardown
 
-    try:
-        evaluate(argv)
-    except EvaluationError as exc:  # rank 0's; the other ranks get RankFailure and leave quietly
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        teardown(1)
-    except RankFailure:
-        teardown(1)
+    evaluate(argv)
     teardown(0)
 
 

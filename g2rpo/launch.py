@@ -11,13 +11,21 @@ step and a committed checkpoint (docs: README "Resuming and failures"). The sche
 (Slurm ``KillWait`` or ``--signal=TERM@<seconds>``, Kubernetes ``terminationGracePeriodSeconds``) must be
 at least as long. torchrun itself exits 1 after a signal; this launcher exits 128 + the signal number,
 also when only the workers were signalled and all stopped so.
+
+A worker's refusal (`g2rpo.cli`: a bad config, a missing file, a locked folder...) reaches this launcher through
+``$G2RPO_REFUSALS`` instead of the worker's stderr: the launcher prints each distinct message once, as the last
+line, and exits 2 -- not once per rank, and without torchrun's ChildFailedError traceback. A worker that failed
+otherwise printed its own traceback; the launcher's last line then names the rank and its exit code (exit 1).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 DEFAULT_STOP_TIMEOUT = 1800
 STOP_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT}
@@ -35,16 +43,32 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    from g2rpo.cli import ERROR_EXIT, REFUSAL_EXIT, REFUSALS_ENV
+
     argv = with_stop_timeout(list(sys.argv[1:] if argv is None else argv))
+    refusals = Path(tempfile.mkdtemp(prefix="g2rpo_refusals_"))
+    os.environ[REFUSALS_ENV] = str(refusals)  # the workers inherit it
     try:
         torchrun(argv)
     except SignalException as stop:
         sys.exit(128 + int(stop.sigval))
     except ChildFailedError as failed:
-        codes = {failure.exitcode for failure in failed.failures.values()}
-        if len(codes) == 1 and codes <= STOP_CODES:  # every failed worker stopped on a signal, after its checkpoint
-            sys.exit(codes.pop())
-        raise
+        codes = {rank: failure.exitcode for rank, failure in failed.failures.items()}
+        if len(set(codes.values())) == 1 and set(codes.values()) <= STOP_CODES:  # every failed worker stopped on a
+            sys.exit(next(iter(codes.values())))  # signal, after its checkpoint
+        messages = [path.read_text().strip() for path in sorted(refusals.glob("rank*.txt"))]
+        # a negative code is a signal; once a worker has failed, torchrun stops the others with SIGTERM: not news
+        own = {rank: code for rank, code in codes.items() if code >= 0} or codes
+        crashed = {rank: code for rank, code in own.items() if code != REFUSAL_EXIT}
+        for rank, code in sorted(crashed.items()):
+            print(f"error: rank {rank} failed with exit code {code}"
+                  + (" (its traceback is above)" if code == ERROR_EXIT else " (killed or crashed)"), file=sys.stderr)
+        for message in dict.fromkeys(messages):  # each distinct message once, in rank order
+            print(f"error: {message}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.exit(ERROR_EXIT if crashed or not messages else REFUSAL_EXIT)
+    finally:
+        shutil.rmtree(refusals, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -266,7 +266,9 @@ def run(argv=None) -> dict:
     if any(problems):
         raise StaleOutputsError(next(p for p in problems if p))
     todo = [i for i in mine if not (folder / f"{i:05d}.safetensors").is_file()]
-    print(f"{len(prompts)} prompts, {info.world_size} rank(s); rank {info.rank} encodes {len(todo)} of its {len(mine)}")
+    counts = all_gather_object((len(todo), len(mine)))
+    print0(f"{len(prompts)} prompts, {info.world_size} rank(s): " + ", ".join(
+        f"rank {r} encodes {todo_r} of its {mine_r}" for r, (todo_r, mine_r) in enumerate(counts)))
     pipe = load_text_encoders(args.model, dtype).to(info.device) if todo else None
     stats = truncation_stats(pipe, prompts, todo, args.max_sequence_length) if pipe is not None else {}
     for line in truncation_report(merge_truncation_stats(all_gather_object(stats)), args.prompts):
@@ -293,4 +295,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from g2rpo.cli import run_main
+
+    run_main(main)

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from g2rpo.cli import Refusal
+
 LOCK = ".lock"
 # What a run writes into its output_dir (see g2rpo.metrics, g2rpo.checkpoint): what --overwrite deletes.
 RUN_FILES = ("config.yaml", "config_history.jsonl", "metrics.jsonl", "heldout.jsonl", "heldout_reward.txt",
@@ -30,7 +32,7 @@ RUN_FILES = ("config.yaml", "config_history.jsonl", "metrics.jsonl", "heldout.js
              ".checkpoint-*.tmp")
 
 
-class RunInUseError(RuntimeError):
+class RunInUseError(Refusal, RuntimeError):
     """Another live process holds the output folder's lock."""
 
 

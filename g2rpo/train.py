@@ -19,14 +19,45 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved run and exit")
-    parser.add_argument("--resume", default=None, help="auto (latest committed checkpoint, else fresh) or a "
-                        "checkpoint folder; same as the override resume=...")
+    parser.add_argument("--resume", default=None, help="auto (latest committed checkpoint, else fresh), none (a "
+                        "fresh start) or a checkpoint folder; same as the override resume=... (the two may not "
+                        "disagree)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an output_dir that holds an earlier "
                         "run, deleting that run's files; same as overwrite=true")
     parser.add_argument("--nnodes", type=int, default=None, help="for --dry-run: nodes (default: $NNODES or 1)")
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="for --dry-run: processes per node (default: $NPROC_PER_NODE or 1)")
     return parser.parse_args(argv)
+
+
+def start_overrides(args) -> list[str]:
+    """The positional overrides with ``--resume`` / ``--overwrite`` folded in. A flag and an override of the same
+    field that disagree are refused, naming both (the launchers pass RESUME= / OVERWRITE=1 as these flags)."""
+    from g2rpo.config import normalize_resume
+
+    overrides = list(args.overrides)
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    if args.resume is not None:
+        if "resume" in given and normalize_resume(given["resume"]) != normalize_resume(args.resume):
+            raise ValueError(f"resume is given twice, differently: --resume {args.resume or 'none'} (the launchers' "
+                             f"RESUME=) and the override resume={given['resume'] or 'none'}; give one")
+        overrides.append(f"resume={args.resume}")
+    if args.overwrite:
+        if given.get("overwrite", "true").strip().lower() not in ("true", "1", "yes"):
+            raise ValueError(f"overwrite is given twice, differently: --overwrite (the launchers' OVERWRITE=1) and the "
+                             f"override overwrite={given['overwrite']}; give one")
+        overrides.append("overwrite=true")
+    return overrides
+
+
+def start_line(cfg: TrainConfig) -> str:
+    if cfg.overwrite:
+        return f"start: afresh, deleting any earlier run in {cfg.output_dir} (overwrite)"
+    if cfg.resume == "auto":
+        return f"start: the newest committed checkpoint in {cfg.output_dir}, else afresh (resume auto)"
+    if cfg.resume:
+        return f"start: resume from {cfg.resume}"
+    return f"start: afresh; refused if {cfg.output_dir} holds an earlier run (resume none)"
 
 
 def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
@@ -57,25 +88,24 @@ def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
         f"clip_range {cfg.ppo.clip_range}" + (f", KL to the frozen base beta={cfg.ppo.kl_beta}" if cfg.ppo.kl_beta else ""),
         f"checkpoints: every {cfg.checkpoint_every} steps from step {cfg.checkpoint_start} and the last, "
         f"to {cfg.output_dir}",
+        start_line(cfg),
     ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
+    """Parse, validate, train; a refusal or error ends the process through `g2rpo.cli.run_main`."""
     import os
 
     args = parse_args(argv)
-    overrides = args.overrides + ([f"resume={args.resume}"] if args.resume else []) \
-        + (["overwrite=true"] if args.overwrite else [])
-    cfg = load_config(TrainConfig, args.config, overrides)
+    cfg = load_config(TrainConfig, args.config, start_overrides(args))
     if args.dry_run:
         nnodes = args.nnodes or int(os.environ.get("NNODES", "1"))
         nproc = args.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1"))
         print(describe(cfg, nnodes, nproc))
         return
 
-    from g2rpo.distributed import RankFailure, init_distributed, print0, teardown
-    from g2rpo.rundir import RunInUseError
+    from g2rpo.distributed import init_distributed, print0, teardown
     from g2rpo.trainer import Interrupted, Trainer
 
     info = init_distributed(None if cfg.engine.device == "auto" else cfg.engine.device)
@@ -85,25 +115,10 @@ def main(argv=None) -> None:
     except Interrupted as stop:
         print0(f"{stop}; resume with --resume auto")
         teardown(stop.exit_code)
-    except RankFailure:  # the failing rank reports it
-        teardown(2, sync=False)
-    except (ValueError, OSError, RunInUseError) as exc:  # refusals that name their fix: no traceback
-        if os.environ.get("G2RPO_TRACEBACK") == "1" or not _refusal(exc):
-            raise
-        print(f"error (rank {info.rank}): {exc}", file=sys.stderr, flush=True)
-        teardown(2, sync=False)
     teardown(0)
 
 
-def _refusal(exc: BaseException) -> bool:
-    """An error of ours that says what is wrong and how to fix it (a bad config, file or folder, a full disk);
-    anything else keeps its traceback."""
-    import errno
-
-    if isinstance(exc, OSError):
-        return isinstance(exc, (FileNotFoundError, FileExistsError)) or exc.errno == errno.ENOSPC
-    return True
-
-
 if __name__ == "__main__":
-    main()
+    from g2rpo.cli import run_main
+
+    run_main(main)

@@ -23,6 +23,7 @@ import yaml
 from g2rpo.config import TrainConfig, to_dict
 from g2rpo.data import EmbeddingDataset, GroupSchedule
 from g2rpo import checkpoint
+from g2rpo.cli import Refusal
 from g2rpo.distributed import (DistInfo, agreed, all_gather_object, all_reduce, any_rank, broadcast_object, io_group,
                                print0)
 from g2rpo.engine import build_engine
@@ -65,8 +66,8 @@ class TrainState:
         self.step, self.skipped = state["step"], state.get("skipped", 0)
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(Refusal, RuntimeError):
+    """Too many non-finite updates in a row: the run stops with a message naming the fix."""
 
 
 def group_seed(seed: int, position: int) -> int:
@@ -140,13 +141,13 @@ class Trainer:
         if path is None:
             if earlier and cfg.resume != "auto":
                 raise FileExistsError(f"{out}: holds an earlier run ({describe_run(earlier)}); continue it with "
-                                      f"--resume auto, replace it with --overwrite (deletes it), or set another "
-                                      f"output_dir")
+                                      f"--resume auto (the launchers' default), replace it with --overwrite "
+                                      f"(OVERWRITE=1; deletes it), or set another output_dir")
             exports = [p for p in earlier if checkpoint.step_of(p) is not None]
             if exports:
                 raise FileExistsError(f"{out}: --resume auto found no resumable checkpoint, but the folder holds "
                                       f"exports of an earlier run ({describe_run(exports)}) that a fresh start would "
-                                      f"overwrite; replace them with --overwrite, or set another output_dir")
+                                      f"overwrite; replace them with --overwrite (OVERWRITE=1), or set another output_dir")
             return None, 0, []  # an earlier attempt that never checkpointed: its logs are dropped
         if earlier and path.resolve().parent != out.resolve():
             raise FileExistsError(f"{out}: holds an earlier run ({describe_run(earlier)}), and resume={path} belongs "

@@ -38,7 +38,7 @@ def prompts() -> list[str]:
 # files in collection order, so with alphabetical order the two longest (test_reliability.py, test_train.py) came
 # near the end and one worker ran them alone while the other idled: longest-first shortens the run.
 LONGEST_FILES = ("test_reliability.py", "test_train.py", "test_methods.py", "test_rollout_weights.py",
-                 "test_evaluation.py", "test_gpu_first_light.py", "test_engine.py")
+                 "test_evaluation.py", "test_refusals.py", "test_gpu_first_light.py", "test_engine.py")
 
 
 def pytest_collection_modifyitems(config, items):

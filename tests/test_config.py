@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from g2rpo.config import ModelsConfig, apply_overrides, from_dict, load_config, to_dict
+from g2rpo.config import ModelsConfig, TrainConfig, apply_overrides, from_dict, load_config, to_dict
 from conftest import ROOT
 
 
@@ -47,7 +47,7 @@ def test_types_are_coerced_and_checked():
     cfg = from_dict(_Outer, {"inner": {"steps": 8, "rate": 1, "granularities": [1, 2, 3], "note": None}, "flag": True})
     assert cfg.inner.rate == 1.0 and isinstance(cfg.inner.rate, float)
     assert cfg.inner.granularities == [1, 2, 3] and cfg.flag is True
-    with pytest.raises(ValueError, match=r"cfg.yaml\.inner\.steps: expected int, got str '8'"):
+    with pytest.raises(ValueError, match=r"cfg.yaml: inner\.steps: expected int, got str '8'"):
         from_dict(_Outer, {"inner": {"steps": "8"}}, "cfg.yaml")
     with pytest.raises(ValueError, match=r"inner\.steps: expected int, got bool"):
         from_dict(_Outer, {"inner": {"steps": True}})
@@ -60,13 +60,30 @@ def test_types_are_coerced_and_checked():
 def test_unknown_keys_are_errors_naming_file_and_path(tmp_path):
     path = tmp_path / "models.yaml"
     path.write_text("flux:\n  path: x\n  dtyp: float32\n")
-    with pytest.raises(ValueError, match=r"models.yaml\.flux: unknown key\(s\) dtyp; valid keys are dtype, path"):
+    with pytest.raises(ValueError, match=r"models.yaml: flux: unknown key\(s\) dtyp; valid keys are dtype, path"):
         load_config(ModelsConfig, path)
 
 
-def test_invalid_value_names_field(tmp_path):
-    with pytest.raises(ValueError, match=r"flux.dtype='int8': expected one of float32, bfloat16, float16"):
+def test_invalid_value_names_field_and_where_it_came_from(tmp_path):
+    """A bad value is named with its source: the file it is in, or the command-line override that set it."""
+    with pytest.raises(ValueError, match=r"^command-line override flux.dtype=int8: expected one of float32, bfloat16"):
         load_config(ModelsConfig, overrides=["flux.dtype=int8"])
+    path = tmp_path / "models.yaml"
+    path.write_text("flux:\n  dtype: int8\n")
+    with pytest.raises(ValueError, match=rf"^{path}: flux.dtype='int8': expected one of float32, bfloat16"):
+        load_config(ModelsConfig, path, ["flux.path=x"])
+    tiny = ROOT / "configs" / "tiny.yaml"
+    for override, expected in (("ema.decay=1.5", "command-line override ema.decay=1.5: expected 0 (off) or a value in"),
+                               ("sampling.num_steps=1", "command-line override sampling.num_steps=1: num_steps=1: "),
+                               ("ema.decayy=1", "command-line override ema.decayy=1: unknown key(s) decayy; valid keys"),
+                               ("data.holdout=0", "command-line override data.holdout=0: eval_every=4 needs held-out")):
+        with pytest.raises(ValueError) as refused:
+            load_config(TrainConfig, tiny, [override])
+        assert str(refused.value).startswith(expected), str(refused.value)
+    own = tmp_path / "own.yaml"  # the file's own bad value, beside an unrelated override: the file is named
+    own.write_text("eval_every: 4\ndata: {holdout: 0}\n")
+    with pytest.raises(ValueError, match=rf"^{own}: eval_every=4 needs held-out prompts"):
+        load_config(TrainConfig, own, ["max_steps=3"])
 
 
 def test_overrides():
@@ -105,7 +122,7 @@ def test_engine_and_checkpoint_options_are_validated():
         EngineConfig(mixed_precision="no")
     with pytest.raises(ValueError, match=r"engine.load_strategy='mmap': expected slices or broadcast"):
         EngineConfig(load_strategy="mmap")
-    with pytest.raises(ValueError, match=r"io_timeout_minutes=0.0: must be > 0"):
+    with pytest.raises(ValueError, match=r"io_timeout_minutes=0: must be > 0"):
         load_config(TrainConfig, overrides=["io_timeout_minutes=0"])
     # at scale: keep one resumable state (143 GB for FLUX.1-dev) and export in bf16, as FLUX.1-dev ships
     defaults = TrainConfig()

@@ -199,7 +199,7 @@ def test_timestep_subsets_have_the_fraction_and_differ_per_sample(tiny_models, t
 
 
 def test_method_fields_are_checked(tiny_models, tmp_path):
-    with pytest.raises(ValueError, match="method='ppo': expected one of g2rpo"):
+    with pytest.raises(ValueError, match="method=ppo: expected one of g2rpo"):
         _cfg("tiny.yaml", tiny_models, tmp_path, "method=ppo")
     with pytest.raises(ValueError, match="method=g2rpo does not use window"):
         _cfg("tiny.yaml", tiny_models, tmp_path, "window.size=2")

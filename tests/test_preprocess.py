@@ -223,6 +223,8 @@ def test_every_rank_learns_rank_0s_refusal(text_model, tmp_path):
                 p.kill()
     (_, err0), code0 = results[0]
     (_, err1), code1 = results[1]
-    assert code0 != 0 and "StaleOutputsError" in err0 and "prompt_file.sha256: was" in err0, err0[-3000:]
-    assert code1 != 0 and "rank 0 failed: StaleOutputsError" in err1 and "prompt_file.sha256: was" in err1, err1[-3000:]
+    last0 = err0.strip().splitlines()[-1]  # rank 0's refusal: one line (g2rpo.cli), exit 2
+    assert code0 == 2 and last0.startswith("error: ") and "prompt_file.sha256: was" in last0, err0[-3000:]
+    assert "Traceback" not in err0, err0[-3000:]
+    assert code1 == 2 and "rank 0 failed: StaleOutputsError" in err1 and "prompt_file.sha256: was" in err1, err1[-3000:]
     assert (out / "index.jsonl").read_bytes() == index

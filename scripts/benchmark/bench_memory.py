@@ -227,4 +227,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from g2rpo.cli import run_main
+
+    run_main(main)

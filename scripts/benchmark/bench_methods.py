@@ -92,4 +92,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from g2rpo.cli import run_main
+
+    run_main(main)

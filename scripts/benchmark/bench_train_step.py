@@ -153,4 +153,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from g2rpo.cli import run_main
+
+    run_main(main)

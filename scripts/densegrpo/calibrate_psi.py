@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -120,4 +119,6 @@ def plot(history: list[dict]) -> bytes:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from g2rpo.cli import run_main
+
+    run_main(main)

@@ -9,7 +9,8 @@ Images already in --out are reused only if its fingerprint.json matches this run
 sampling settings and prompts); otherwise the run stops: pick a new --out or pass --overwrite.
 """
 
+from g2rpo.cli import run_main
 from g2rpo.evaluation import main
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,6 +14,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+source scripts/env_and_flags.sh
+for pair in BASE:--base PROMPTS:--prompts MODELS:--models-config OUT:--out TRANSFORMER:--transformer LORA:--lora \
+            OVERWRITE:--overwrite; do
+  refuse_env_and_flag "${pair%%:*}" "${pair#*:}" "$@"
+done
 BASE="${BASE:-ckpt/tiny/flux}"
 MODELS="${MODELS:-configs/models/tiny.yaml}"
 PROMPTS="${PROMPTS:-data/example_prompts.txt}"
@@ -29,7 +34,7 @@ fi
 case "${OVERWRITE:-0}" in
   0) ;;
   1) extra+=(--overwrite) ;;
-  *) echo "OVERWRITE=${OVERWRITE}: expected 0 or 1" >&2; exit 2 ;;
+  *) echo "error: OVERWRITE=${OVERWRITE}: expected 0 or 1" >&2; exit 2 ;;
 esac
-exec torchrun --standalone --nproc_per_node="$NPROC" scripts/evaluation/evaluate.py \
+exec python -m g2rpo.launch --standalone --nproc_per_node="$NPROC" scripts/evaluation/evaluate.py \
   --base "$BASE" --prompts "$PROMPTS" --models-config "$MODELS" --out "$OUT" "${extra[@]}" "$@"

@@ -8,10 +8,12 @@
 # same MASTER_ADDR / MASTER_PORT. DRY_RUN=1 validates the config and prints the resolved world
 # (nodes, ranks, groups, steps) without starting any process or needing a GPU.
 #
-# Re-running the same command continues the run in its output_dir (RESUME=auto, the default: the
+# Re-running the same command continues the run in its output_dir (resume auto, the default: the
 # newest committed checkpoint, or a fresh start in an empty folder); a folder holding another run
 # is refused. RESUME=none starts afresh (refused where a run exists), RESUME=<checkpoint folder>
-# resumes that one, OVERWRITE=1 deletes the run in output_dir and starts afresh.
+# resumes that one, OVERWRITE=1 deletes the run in output_dir and starts afresh. The overrides
+# resume=... and overwrite=true mean the same; with one of them the default (auto) is not added, and
+# RESUME= / OVERWRITE= that disagree with it are refused, naming both.
 # Stops: SIGTERM/SIGINT give the workers G2RPO_STOP_TIMEOUT seconds (default 1800) to finish the
 # running phase and write a checkpoint (g2rpo/launch.py); the exit code is then 128 + signal.
 set -euo pipefail
@@ -23,17 +25,24 @@ NODE_RANK="${NODE_RANK:-0}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
-RESUME="${RESUME:-auto}"
 export NNODES NPROC_PER_NODE TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+case "${OVERWRITE:-0}" in 0|1) ;; *) echo "error: OVERWRITE=${OVERWRITE}: expected 0 or 1" >&2; exit 2;; esac
+source scripts/env_and_flags.sh
+refuse_env_and_flag CONFIG --config "$@"
+refuse_env_and_flag RESUME --resume "$@"
 start=()
-if [ "${OVERWRITE:-0}" = "1" ]; then
-  start=(--overwrite)
-elif [ "$RESUME" != "none" ]; then
-  start=(--resume "$RESUME")
+[ "${OVERWRITE:-0}" = "1" ] && start+=(--overwrite)
+overridden=0
+for arg in "$@"; do case "$arg" in resume=*|overwrite=*|--resume|--resume=*|--overwrite) overridden=1;; esac; done
+if [ -n "${RESUME+set}" ]; then
+  start+=(--resume "$RESUME")
+elif [ "${OVERWRITE:-0}" != "1" ] && [ "$overridden" = "0" ]; then
+  start+=(--resume auto)  # re-running the command continues the run
 fi
 
 if [ "${DRY_RUN:-0}" = "1" ]; then
-  exec python -m g2rpo.train --config "$CONFIG" --dry-run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "$@"
+  exec python -m g2rpo.train --config "$CONFIG" --dry-run --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" \
+    "${start[@]}" "$@"
 fi
 if [ "$NNODES" = "1" ]; then
   exec python -m g2rpo.launch --standalone --nproc_per_node="$NPROC_PER_NODE" -m g2rpo.train --config "$CONFIG" \

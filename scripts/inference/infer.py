@@ -52,14 +52,11 @@ def parse_args(argv=None):
 
 
 def check_transformer(folder: Path | None) -> None:
-    """Verify ``--transformer`` / ``--lora`` before loading it and print what was checked; a bad export ends the
-    process with one line on stderr (exit code 1), naming the file."""
+    """Verify ``--transformer`` / ``--lora`` before loading it and print what was checked; a bad export is refused
+    (`g2rpo.checkpoint.verify_export` names the file; the CLI prints that one line and exits 2)."""
     if folder is None:
         return
-    try:
-        print(verify_export(folder), flush=True)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    print(verify_export(folder), flush=True)
 
 
 def main(argv=None) -> None:
@@ -89,4 +86,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from g2rpo.cli import run_main
+
+    run_main(main)

@@ -13,6 +13,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
+source scripts/env_and_flags.sh
+for pair in PROMPTS:--prompts MODEL:--model OUT:--out DTYPE:--dtype OVERWRITE:--overwrite; do
+  refuse_env_and_flag "${pair%%:*}" "${pair#*:}" "$@"
+done
 PROMPTS="${PROMPTS:-data/prompts.txt}"
 MODEL="${MODEL:-ckpt/flux}"
 OUT="${OUT:-data/rl_embeddings}"
@@ -20,10 +24,10 @@ DTYPE="${DTYPE:-bfloat16}"
 case "${OVERWRITE:-0}" in
   0) ;;
   1) set -- --overwrite "$@" ;;
-  *) echo "OVERWRITE=${OVERWRITE}: expected 0 or 1" >&2; exit 2 ;;
+  *) echo "error: OVERWRITE=${OVERWRITE}: expected 0 or 1" >&2; exit 2 ;;
 esac
 if [ -z "${GPUS:-}" ]; then
   GPUS=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
-exec torchrun --standalone --nproc_per_node="$GPUS" -m g2rpo.preprocess \
+exec python -m g2rpo.launch --standalone --nproc_per_node="$GPUS" -m g2rpo.preprocess \
   --model "$MODEL" --prompts "$PROMPTS" --out "$OUT" --dtype "$DTYPE" "$@"

@@ -19,13 +19,14 @@ import time
 import torch
 
 from g2rpo import checkpoint, train, trainer
+from g2rpo.cli import run_main
 
 
 def main() -> None:
     faults, args = sys.argv[1], sys.argv[2:]
     for fault in faults.split(","):
         inject(fault)
-    train.main(args)
+    run_main(lambda: train.main(args))
 
 
 def inject(fault: str) -> None:
