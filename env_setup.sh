@@ -2,15 +2,20 @@
 # Create (or reuse) the project's virtual environment and install everything g2rpo needs.
 #
 #   bash env_setup.sh
+#   G2RPO_SETUP_PLAN=1 bash env_setup.sh     # print the torch build and the pip command it would run; install nothing
 #
 # Idempotent: a second run only re-checks the imports, unless requirements.txt, pyproject.toml or
-# this script changed. Picks the CUDA build of torch when an NVIDIA GPU is visible (nvidia-smi) and
-# the CPU build otherwise. Settings (environment variables):
+# this script changed. Picks the torch build that fits the machine: the CUDA build when an NVIDIA GPU
+# is visible (nvidia-smi -L), PyPI's default; the CPU build otherwise, from the PyTorch CPU wheel index
+# (a ~200 MB wheel instead of PyPI's multi-GB CUDA build) when that index answers, else -- on machines
+# that reach only the default package index -- whatever that index serves for the pin (a CPU build
+# where it has one), said so. Settings (environment variables):
 #   G2RPO_VENV        where the environment lives              (default: .venv next to this script)
 #   PYTHON            interpreter that creates it, >= 3.10      (default: python3)
 #   G2RPO_TORCH       force "cpu" or "cuda"                     (default: detected)
-#   TORCH_INDEX_URL   extra pip index for torch, e.g. https://download.pytorch.org/whl/cpu for a
-#                     small CPU-only wheel, or .../whl/cu128 for a specific CUDA build
+#   TORCH_INDEX_URL   the extra pip index for torch, instead of the choice above, e.g.
+#                     https://download.pytorch.org/whl/cu128 for a specific CUDA build; empty: none
+#   TORCH_CPU_INDEX   the CPU wheel index tried on a CPU machine (default https://download.pytorch.org/whl/cpu)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -32,6 +37,29 @@ if [ -z "${G2RPO_TORCH:-}" ]; then
 fi
 case "$G2RPO_TORCH" in cpu|cuda) ;; *) die "G2RPO_TORCH=$G2RPO_TORCH: expected cpu or cuda";; esac
 
+# the extra index torch comes from: the user's, or on a CPU machine the PyTorch CPU index if it answers
+if [ -n "${TORCH_INDEX_URL+set}" ]; then
+  torch_index="$TORCH_INDEX_URL"; torch_source="TORCH_INDEX_URL"
+elif [ "$G2RPO_TORCH" = "cpu" ]; then
+  cpu_index="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+  if "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=5).close()' \
+       "$cpu_index" 2>/dev/null; then
+    torch_index="$cpu_index"; torch_source="the PyTorch CPU index $cpu_index"
+  else
+    torch_index=""; torch_source="the default index (the CPU index $cpu_index does not answer here)"
+  fi
+else
+  torch_index=""; torch_source="the default index (its torch is the CUDA build)"
+fi
+torch_args=()
+[ -n "$torch_index" ] && torch_args=(--extra-index-url "$torch_index")
+pip_args=(install -q "${torch_args[@]}" -r requirements.txt)
+if [ "${G2RPO_SETUP_PLAN:-0}" = "1" ]; then
+  say "plan: torch $(sed -n 's/^torch==//p' requirements.txt), $G2RPO_TORCH build, from $torch_source"
+  say "plan: DS_BUILD_OPS=0 $VENV/bin/python -m pip ${pip_args[*]}"
+  exit 0
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV" || die "could not create $VENV (on Debian/Ubuntu: apt-get install python3-venv)"
@@ -42,14 +70,12 @@ STAMP="$VENV/.g2rpo-setup"
 WANT="$(cat requirements.txt pyproject.toml env_setup.sh g2rpo/_torchvision_compat.py | sha256sum | cut -c1-16)-$G2RPO_TORCH"
 
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-  say "installing packages (torch: $G2RPO_TORCH build); the first time takes a few minutes"
+  say "installing packages (torch: $G2RPO_TORCH build, from $torch_source); the first time takes a few minutes"
   rm -f "$STAMP"
   quiet_pip install -q --upgrade pip
-  torch_index=()
-  [ -n "${TORCH_INDEX_URL:-}" ] && torch_index=(--extra-index-url "$TORCH_INDEX_URL")
   # torch is pinned inside requirements.txt, so it is resolved in this same call: no other package
   # can pull a different (multi-GB) torch build. DeepSpeed's optional C++ ops are JIT-built on use.
-  DS_BUILD_OPS=0 quiet_pip install -q "${torch_index[@]}" -r requirements.txt
+  DS_BUILD_OPS=0 quiet_pip "${pip_args[@]}"
 
   # hpsv2 pins pytest 7 and protobuf 3.20, which break the rest: install it without its dependencies
   # (requirements.txt carries the ones it needs), and add the BPE vocabulary its wheel forgets.

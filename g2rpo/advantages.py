@@ -1,4 +1,4 @@
-"""Multi-Granularity Advantage Integration (G2RPO_ALGORITHM.md §4) and the other methods' advantages, vectorised.
+"""Multi-Granularity Advantage Integration (docs/algorithm.md §4) and the other methods' advantages, vectorised.
 
 For every reward model r, granularity g and branching step k, rewards are normalised inside each
 prompt group, ``A = (R - mean_n R) / (std R + eps)``; the normalised advantages are summed over

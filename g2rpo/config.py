@@ -153,7 +153,7 @@ class ModelsConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Sampling (singular-SDE rollouts, G2RPO_ALGORITHM.md §1-3)
+# Sampling (singular-SDE rollouts, docs/algorithm.md §1-3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -220,7 +220,7 @@ class SamplingConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Training (G2RPO_ALGORITHM.md §4-6)
+# Training (docs/algorithm.md §4-6)
 # --------------------------------------------------------------------------------------------
 
 
@@ -620,6 +620,17 @@ def normalize_resume(value) -> str:
     return "" if text.lower() in ("", "none", "null") else "auto" if text.lower() == "auto" else text
 
 
+def checkpoint_due(cfg: "TrainConfig", step: int) -> bool:
+    """Whether a checkpoint is written after ``step`` (0-based): every ``checkpoint_every`` steps from
+    ``checkpoint_start``, and after the last step."""
+    periodic = step >= cfg.checkpoint_start and (step - cfg.checkpoint_start) % cfg.checkpoint_every == 0
+    return step == cfg.max_steps - 1 or periodic
+
+
+def checkpoint_steps(cfg: "TrainConfig") -> list[int]:
+    return [step for step in range(cfg.max_steps) if checkpoint_due(cfg, step)]
+
+
 def update_share(cfg: "TrainConfig", world_size: int) -> int:
     """Generations of each prompt group per optimiser update: ``trajectory.samples_per_update`` spread evenly over
     the step's ``world_size · data.prompts_per_rank`` groups (the whole group where it is 0). Refused in one line
@@ -825,11 +836,27 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    if path is not None and isinstance(data, dict) and isinstance(data.get("models"), str):
+        data["models"] = _models_file(data["models"], path)
     apply_overrides(data, overrides or [])
     try:
         return from_dict(cls, data, where)
     except ValueError as exc:
         raise ValueError(attribute_error(str(exc), where, overrides or [])) from None
+
+
+def _models_file(name: str, config: Path) -> dict:
+    """``models: configs/models/flux_dev.yaml`` in a training config: that file is its models section, the one
+    place that names the weights for training and evaluation alike (``MODELS=`` of run_eval.sh). Relative to the
+    working directory, else to the config's folder or the one above it (the repository root)."""
+    for candidate in (Path(name), config.parent / name, config.parent.parent / name):
+        if candidate.is_file():
+            try:
+                return yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+            except (UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise ValueError(f"{candidate}: not valid YAML ({exc})") from exc
+    raise FileNotFoundError(f"{config}: models: {name}: file not found (a models config such as "
+                            f"configs/models/flux_dev.yaml)")
 
 
 def _unknown_keys(text: str) -> list[str]:

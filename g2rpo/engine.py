@@ -526,6 +526,14 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, weights_folder: Path, engine_cfg, optim_cfg, total_updates: int, info: DistInfo,
                  mark=_no_mark):
+        import os
+
+        # DeepSpeed guesses its accelerator on import and warns when it falls back to the CPU: name it. Its ZeRO
+        # collectives call torch names that torch has deprecated (all_gather_into_tensor, reduce_scatter_tensor),
+        # a warning per call under ZeRO-3: DeepSpeed's to change, not ours.
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if info.device.type == "cuda" else "cpu")
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated\. Please use "
+                                r"`torch\.distributed\.\w+` instead", category=FutureWarning)
         import deepspeed
 
         from g2rpo.models import load_transformer

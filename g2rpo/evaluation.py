@@ -31,7 +31,7 @@ import torch
 
 from g2rpo.cli import Refusal
 from g2rpo.io import atomic_write_text, write_png, write_png_grid
-from g2rpo.reward_registry import REWARDS
+from g2rpo.reward_registry import REWARDS, missing_inputs
 
 # The paper's table columns, in its order (g2rpo.reward_registry).
 METRIC_COLUMNS = {name: entry.column for name, entry in REWARDS.items()}
@@ -88,7 +88,7 @@ def summarize(records: list[dict], metrics: list[str]) -> list[dict]:
     return rows
 
 
-# The G²RPO paper's table (HPDv2's 400 test prompts, FLUX.1-dev; ../shared/METHODS.md), in its units.
+# The G²RPO paper's table (HPDv2's 400 test prompts, FLUX.1-dev), in its units.
 PAPER_COLUMNS = ("HPS-v2.1", "CLIP Score", "PickScore", "ImageReward", "UnifiedReward")
 PAPER_ROWS = {
     "FLUX.1-dev": (0.305, 0.388, 0.226, 1.040, 3.621),
@@ -229,6 +229,10 @@ def evaluate(argv=None) -> None:
     args = parse_args(argv)
     prompts = read_prompt_file(args.prompts)[: args.limit]
     models = load_config(ModelsConfig, args.models_config)
+    missing = missing_inputs(args.metrics, models)
+    if missing:  # before any image is generated
+        raise FileNotFoundError(f"{args.models_config}: not found: {'; '.join(missing)}; download them (README \"Real "
+                                f"models\"), point the models config at them, or leave those metrics out (--metrics)")
     info = init_distributed(args.device)
     _prepare_all_ranks(args, prompts, info)
     images_dir = args.out / "images"

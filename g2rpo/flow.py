@@ -1,4 +1,4 @@
-"""Pure sampler math for rectified-flow FLUX (G2RPO_ALGORITHM.md §1-3). No I/O, no global RNG.
+"""Pure sampler math for rectified-flow FLUX (docs/algorithm.md §1-3). No I/O, no global RNG.
 
 Conventions: ``x_σ = (1-σ)·x0 + σ·ε``, the model predicts ``v ≈ ε - x0``, so ``x̂0 = x - σ·v``.
 Latents are FLUX "packed" tensors ``[B, tokens, 64]`` (16 VAE channels × 2×2 patches), but the

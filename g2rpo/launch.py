@@ -65,8 +65,11 @@ def main(argv: list[str] | None = None) -> None:
                   + (" (its traceback is above)" if code == ERROR_EXIT else " (killed or crashed)"), file=sys.stderr)
         for message in dict.fromkeys(messages):  # each distinct message once, in rank order
             print(f"error: {message}", file=sys.stderr)
+        if not crashed and not messages:  # exit 2 without a refusal: a usage error, which argparse printed itself
+            print(f"error: the workers stopped with exit code {REFUSAL_EXIT}: a command-line usage error, shown above",
+                  file=sys.stderr)
         sys.stderr.flush()
-        sys.exit(ERROR_EXIT if crashed or not messages else REFUSAL_EXIT)
+        sys.exit(ERROR_EXIT if crashed else REFUSAL_EXIT)
     finally:
         shutil.rmtree(refusals, ignore_errors=True)
 

@@ -1,4 +1,4 @@
-"""PPO-clipped GRPO policy loss (G2RPO_ALGORITHM.md §5) and the optional KL penalty to a frozen reference
+"""PPO-clipped GRPO policy loss (docs/algorithm.md §5) and the optional KL penalty to a frozen reference
 (``ppo.kl_beta``; Flow-GRPO's and DenseGRPO's β, off by default as in G²RPO, DanceGRPO and MixGRPO)."""
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def load_psi_table(path: str | Path, num_steps: int) -> torch.Tensor:
 
 
 class SingularMethod:
-    """G²RPO (G2RPO_ALGORITHM.md §3-5). ``ppo.update``: ``per_branch`` -- one optimiser step per branch step
+    """G²RPO (docs/algorithm.md §3-5). ``ppo.update``: ``per_branch`` -- one optimiser step per branch step
     k (the default); ``accumulate`` -- the K losses ``/ K`` accumulated into one optimiser step per training
     step."""
 

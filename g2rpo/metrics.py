@@ -39,9 +39,10 @@ class MetricsLogger:
         for key, value in record.items():
             if key != "step":
                 self.writer.add_scalar(key, value, step)
-        # the reference's per-reward logs of the anchor sample's reward, one line per step
+        # the reference's per-reward logs, one line per step: the anchor sample's reward (G²RPO; DenseGRPO with a
+        # shared start noise), or -- for the methods without one -- the mean reward of the step's final images
         for name in self.reward_names:
-            key = f"eval_reward/{name}"
+            key = f"eval_reward/{name}" if f"eval_reward/{name}" in record else f"reward/{name}"
             if key in record:
                 with open(self.out_dir / REWARDS[name].log_file, "a", encoding="utf-8") as f:
                     f.write(f"{step} {record[key]:.6f}\n")
@@ -99,7 +100,9 @@ class MetricsLogger:
         self.plot_reward_curve()
 
     def plot_reward_curve(self) -> Path | None:
-        keys = [f"eval_reward/{n}" for n in self.reward_names]
+        """reward_curve.png: per reward, the step's mean (completions or final images), the anchor sample's reward
+        where the method has one, and the held-out mean."""
+        keys = [f"reward/{n}" for n in self.reward_names]
         rows = [r for r in self.history if all(k in r for k in keys)]
         if not rows:
             return None
@@ -111,10 +114,10 @@ class MetricsLogger:
         fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
         steps = [r["step"] for r in rows]
         for ax, key in zip(axes[0], keys):
-            ax.plot(steps, [r[key] for r in rows], lw=1, alpha=0.5, label="anchor sample")
-            train_key = key.replace("eval_reward", "reward")
-            if all(train_key in r for r in rows):
-                ax.plot(steps, [r[train_key] for r in rows], lw=1.5, label="completions (mean)")
+            anchor_key = key.replace("reward/", "eval_reward/", 1)
+            if all(anchor_key in r for r in rows):
+                ax.plot(steps, [r[anchor_key] for r in rows], lw=1, alpha=0.5, label="anchor sample")
+            ax.plot(steps, [r[key] for r in rows], lw=1.5, label="step mean (completions or final images)")
             held = [(r["step"], r[f"heldout/{key.split('/', 1)[1]}"]) for r in self.heldout]
             if held:
                 ax.plot(*zip(*held), "o-", lw=2, label="held-out prompts")

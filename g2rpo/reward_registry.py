@@ -35,6 +35,8 @@ class RewardEntry:
     """the reference's per-step text log of the anchor sample's reward, under output_dir."""
     build: Callable[..., Reward]
     """``build(models: ModelsConfig, device) -> Reward``."""
+    inputs: Callable[..., dict[str, str]] = lambda models: {}
+    """``inputs(models) -> {config field: path}``: the files and folders ``build`` reads, checked before long work."""
     default_weight: float = 1.0
     """its weight in the MGAI / advantage sum when a config names it without one."""
     paper_scale: float = 1.0
@@ -79,13 +81,19 @@ def _unifiedreward(models, device):
 
 
 REWARDS: dict[str, RewardEntry] = {entry.name: entry for entry in (
-    RewardEntry("hps", "HPS-v2.1", trains=True, log_file="hps_reward.txt", build=_hps),
-    RewardEntry("clip_score", "CLIP Score", trains=True, log_file="clip_reward.txt", build=_clip_score),
+    RewardEntry("hps", "HPS-v2.1", trains=True, log_file="hps_reward.txt", build=_hps,
+                inputs=lambda m: {"models.hps.checkpoint": m.hps.checkpoint}),
+    RewardEntry("clip_score", "CLIP Score", trains=True, log_file="clip_reward.txt", build=_clip_score,
+                inputs=lambda m: {"models.clip_score.path": m.clip_score.path}),
     RewardEntry("pickscore", "PickScore", trains=False, log_file="pickscore_reward.txt", build=_pickscore,
-                paper_scale=0.01),
-    RewardEntry("imagereward", "ImageReward", trains=False, log_file="imagereward_reward.txt", build=_imagereward),
+                paper_scale=0.01, inputs=lambda m: {"models.pickscore.model": m.pickscore.model,
+                                                    "models.pickscore.processor": m.pickscore.processor}),
+    RewardEntry("imagereward", "ImageReward", trains=False, log_file="imagereward_reward.txt", build=_imagereward,
+                inputs=lambda m: {"models.imagereward.checkpoint": m.imagereward.checkpoint,
+                                  "models.imagereward.med_config": m.imagereward.med_config,
+                                  "models.imagereward.tokenizer": m.imagereward.tokenizer}),
     RewardEntry("unifiedreward", "UnifiedReward", trains=False, log_file="unifiedreward_reward.txt",
-                build=_unifiedreward),
+                build=_unifiedreward, inputs=lambda m: {"models.unifiedreward.path": m.unifiedreward.path}),
 )}
 
 
@@ -97,6 +105,15 @@ def reward_entry(name: str, training: bool = False) -> RewardEntry:
         why = f" (evaluation only: {name} cannot score inside the training step)" if entry is not None else ""
         raise ValueError(f"reward {name!r}{why}: expected one of {', '.join(choices)}")
     return entry
+
+
+def missing_inputs(names, models) -> list[str]:
+    """``["field=path (the Column model)", ...]`` for every file or folder the rewards ``names`` read that does not
+    exist: checked before generating or training, so a missing download is not found after hours of work."""
+    from pathlib import Path
+
+    return [f"{field}={path} (the {REWARDS[name].column} model)" for name in names
+            for field, path in REWARDS[name].inputs(models).items() if not Path(path).exists()]
 
 
 def training_rewards() -> list[str]:

@@ -1,4 +1,4 @@
-"""Singular stochastic sampling with multi-granularity completions (G2RPO_ALGORITHM.md §3).
+"""Singular stochastic sampling with multi-granularity completions (docs/algorithm.md §3).
 
 For one prompt group of N generations:
 

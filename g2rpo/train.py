@@ -11,7 +11,7 @@ and prints the resolved world (nodes, ranks, groups per rank, steps, updates) wi
 import argparse
 import sys
 
-from g2rpo.config import TrainConfig, load_config
+from g2rpo.config import TrainConfig, checkpoint_steps, load_config
 
 
 def parse_args(argv=None):
@@ -85,12 +85,45 @@ def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
         f"sampling: T={s.num_steps}, shift={s.shift}, eta={s.eta}, {sampling}, order={s.order}",
         f"rewards: {', '.join(f'{r.name} (weight {r.weight})' for r in cfg.rewards)}",
         f"steps: {cfg.max_steps}, optimiser updates: {cfg.max_steps * k} ({k} per step), lr {cfg.optim.lr}, "
-        f"clip_range {cfg.ppo.clip_range}" + (f", KL to the frozen base beta={cfg.ppo.kl_beta}" if cfg.ppo.kl_beta else ""),
-        f"checkpoints: every {cfg.checkpoint_every} steps from step {cfg.checkpoint_start} and the last, "
-        f"to {cfg.output_dir}",
+        f"clip_range {cfg.ppo.clip_range}",
+        f"advantages: {cfg.advantage.std} std over the {cfg.advantage.std_over} + {cfg.advantage.eps:g}, "
+        f"{cfg.advantage.precision}, rewards combined {cfg.advantage.combine}"
+        + (", weights normalised" if cfg.advantage.normalize_weights else ""),
+        f"KL to the frozen base: beta={cfg.ppo.kl_beta} ({cfg.ppo.kl_form} form)" if cfg.ppo.kl_beta else "KL: off",
+        f"trained weights: LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {', '.join(cfg.lora.target_modules)}"
+        if cfg.lora.rank else "trained weights: all (full fine-tuning)",
+        f"EMA: decay {cfg.ema.decay}, every {cfg.ema.update_every} update(s), kept on {cfg.ema.device}" if cfg.ema.decay
+        else "EMA: off",
+        f"engine: {cfg.engine.kind}, {cfg.engine.mixed_precision}, "
+        + (f"ZeRO-{cfg.engine.zero_stage}" if cfg.engine.kind == "deepspeed" else cfg.engine.fsdp_sharding)
+        + (", fp32 state offloaded to host memory" if cfg.engine.offload else "")
+        + f", rollout weights {cfg.engine.rollout_weights}" + (", compiled rollouts" if cfg.engine.compile_rollout else ""),
+        f"checkpoints to {cfg.output_dir}: after steps {_listed(checkpoint_steps(cfg))} (every {cfg.checkpoint_every} "
+        f"from {cfg.checkpoint_start}, and the last)",
         start_line(cfg),
     ]
     return "\n".join(lines)
+
+
+def _listed(steps: list[int], most: int = 8) -> str:
+    return ", ".join(map(str, steps)) if len(steps) <= most else \
+        ", ".join(map(str, steps[:most - 2])) + f", ... ({len(steps)} in all), {steps[-1]}"
+
+
+def input_problems(cfg: TrainConfig) -> list[str]:
+    """The files a run of ``cfg`` reads that are missing: the FLUX pipeline, the embedding index, the reward
+    models, a ψ table (``DRY_RUN`` checks them before anything starts)."""
+    from pathlib import Path
+
+    from g2rpo.reward_registry import missing_inputs
+
+    problems = [] if (Path(cfg.models.flux.path) / "model_index.json").is_file() else [
+        f"models.flux.path={cfg.models.flux.path} (no model_index.json: not a diffusers FLUX pipeline folder)"]
+    if not Path(cfg.data.index).is_file():
+        problems.append(f"data.index={cfg.data.index} (run the preprocessing launcher)")
+    if cfg.trajectory.noise == "psi" and not Path(cfg.dense.psi_table).is_file():
+        problems.append(f"dense.psi_table={cfg.dense.psi_table} (scripts/densegrpo/calibrate_psi.py writes it)")
+    return problems + missing_inputs([r.name for r in cfg.rewards], cfg.models)
 
 
 def main(argv=None) -> None:
@@ -103,6 +136,10 @@ def main(argv=None) -> None:
         nnodes = args.nnodes or int(os.environ.get("NNODES", "1"))
         nproc = args.nproc_per_node or int(os.environ.get("NPROC_PER_NODE", "1"))
         print(describe(cfg, nnodes, nproc))
+        problems = input_problems(cfg)
+        print("inputs: " + ("all found" if not problems else f"{len(problems)} missing"), flush=True)
+        if problems:
+            raise FileNotFoundError(f"{args.config}: the run would read what is not there: {'; '.join(problems)}")
         return
 
     from g2rpo.distributed import init_distributed, print0, teardown

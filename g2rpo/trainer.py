@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from g2rpo.config import TrainConfig, to_dict
+from g2rpo.config import TrainConfig, checkpoint_due, to_dict
 from g2rpo.data import EmbeddingDataset, GroupSchedule
 from g2rpo import checkpoint
 from g2rpo.cli import Refusal
@@ -366,9 +366,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints and the loop
 
     def should_checkpoint(self, step: int) -> bool:
-        last = step == self.cfg.max_steps - 1
-        periodic = step >= self.cfg.checkpoint_start and (step - self.cfg.checkpoint_start) % self.cfg.checkpoint_every == 0
-        return last or periodic
+        return checkpoint_due(self.cfg, step)
 
     def save_checkpoint(self, step: int) -> Path:
         """A committed full-state checkpoint after ``step`` (see g2rpo.checkpoint). Collective."""

@@ -1,4 +1,4 @@
-"""Full-trajectory sampling: DanceGRPO / Flow-GRPO, MixGRPO and DenseGRPO (../shared/METHODS.md).
+"""Full-trajectory sampling: DanceGRPO / Flow-GRPO, MixGRPO and DenseGRPO (docs/algorithm.md, "The method family").
 
 For one prompt group of N generations:
 
@@ -18,7 +18,7 @@ Two evaluation orders of the completions give the same numbers (up to float roun
   ``same_start_noise``) is completed once. T = 10, N = 24: 36 sample-forwards per generation (+ 9 per
   group), in 9 calls;
 * ``"reference"``: each completion on its own, batch 1, every step evaluated (55 per generation at T = 10,
-  as METHODS.md counts them).
+  as DenseGRPO's paper counts them).
 
 All noise is drawn up front from the caller's ``torch.Generator``: the start noise, then ``ξ [T, N, ...]``
 for every transition (drawn even for deterministic ones, so a generation's noise does not depend on

@@ -23,6 +23,6 @@ OVERWRITE=1 bash scripts/finetune/finetune_g2rpo_tiny.sh  # the main job always 
 last="$(ls -d outputs/tiny/train/checkpoint-* | sort -t- -k2 -n | tail -1)"
 python scripts/inference/infer.py --base ckpt/tiny/flux --transformer "$last/transformer" \
   --prompt-file data/example_prompts.txt --limit 4 --height 64 --width 64 --steps 16 --dtype float32 \
-  --device cpu --out outputs/tiny/inference
+  --device cpu --out outputs/tiny/inference --overwrite
 echo "done: rewards in outputs/tiny/train/{hps,clip}_reward.txt, curve outputs/tiny/train/reward_curve.png," \
      "checkpoint $last, samples outputs/tiny/inference"

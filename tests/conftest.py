@@ -37,7 +37,7 @@ def prompts() -> list[str]:
 # The longest files first (measured on 2 cores; the rest keep their order). pytest-xdist's loadfile hands out whole
 # files in collection order, so with alphabetical order the two longest (test_reliability.py, test_train.py) came
 # near the end and one worker ran them alone while the other idled: longest-first shortens the run.
-LONGEST_FILES = ("test_reliability.py", "test_train.py", "test_methods.py", "test_rollout_weights.py",
+LONGEST_FILES = ("test_newcomer.py", "test_reliability.py", "test_train.py", "test_methods.py", "test_rollout_weights.py",
                  "test_evaluation.py", "test_refusals.py", "test_gpu_first_light.py", "test_engine.py")
 
 

@@ -129,3 +129,16 @@ def test_engine_and_checkpoint_options_are_validated():
     assert (defaults.keep_last, defaults.save_dtype, defaults.engine.mixed_precision) == (1, "bfloat16", "bf16")
     one_gpu = load_config(TrainConfig, ROOT / "configs" / "g2rpo_hps_clip_1gpu.yaml")
     assert (one_gpu.engine.kind, one_gpu.engine.offload) == ("fsdp", True)  # FSDP2 + CPUOffloadPolicy
+
+
+def test_a_training_config_reads_its_models_from_the_models_file(tmp_path):
+    """``models: configs/models/<name>.yaml``: training and evaluation read the weights' folders from one file."""
+    for config, models in (("g2rpo_hps_clip.yaml", "flux_dev.yaml"), ("tiny_dancegrpo.yaml", "tiny.yaml")):
+        cfg = load_config(TrainConfig, ROOT / "configs" / config)
+        assert to_dict(cfg.models) == to_dict(load_config(ModelsConfig, ROOT / "configs/models" / models)), config
+    cfg = load_config(TrainConfig, ROOT / "configs/tiny.yaml", ["models.flux.path=elsewhere"])
+    assert cfg.models.flux.path == "elsewhere" and cfg.models.hps.arch == "g2rpo-tiny-ViT"  # overrides still apply
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: configs/models/nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"bad.yaml: models: configs/models/nowhere.yaml: file not found"):
+        load_config(TrainConfig, bad)

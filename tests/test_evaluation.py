@@ -205,7 +205,7 @@ def test_summary_table():
     assert summary_markdown(rows).splitlines()[2] == "| 0.3000 ± 0.1414 (n=2) | 21.0000 ± 1.4142 (n=2) |"
     comparison = paper_comparison_markdown(rows, "ours").splitlines()
     assert comparison[0] == "| | HPS-v2.1 | CLIP Score | PickScore | ImageReward | UnifiedReward |"
-    assert comparison[2] == "| FLUX.1-dev (paper) | 0.305 | 0.388 | 0.226 | 1.040 | 3.621 |"  # METHODS.md's row
+    assert comparison[2] == "| FLUX.1-dev (paper) | 0.305 | 0.388 | 0.226 | 1.040 | 3.621 |"  # the paper's row
     assert comparison[8] == "| G²RPO (HPS + CLIP) (paper) | 0.376 | 0.406 | 0.235 | 1.483 | 3.783 |"
     assert comparison[-1] == "| ours | 0.300 | – | 0.210 | – | – |"  # PickScore in the paper's units (/ 100)
 

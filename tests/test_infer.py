@@ -50,7 +50,7 @@ def test_infer_script_writes_the_pipelines_images(tiny_pipeline, tiny_models, tm
     result = subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
     assert f"{export}: verified against {export.parent / 'COMMITTED'} (2 files)" in result.stdout
 
-    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "settings.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "fingerprint.json", "settings.json"]
     settings = json.loads((out / "settings.json").read_text())
     assert settings["prompts"] == prompts[:2] and settings["steps"] == 3 and settings["seed"] == 7
     for index, prompt in enumerate(prompts[:2]):

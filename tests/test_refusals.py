@@ -166,36 +166,39 @@ SPELLINGS = {"none": "start: afresh;", "": "start: afresh;", "auto": "start: the
              "PATH": "start: resume from"}
 
 
-def _dry_run(argv, capsys) -> str:
+def _dry_run(argv, capsys, inputs) -> str:
     from g2rpo import train
 
-    train.main(["--config", *argv, "--dry-run"])
+    train.main(["--config", argv[0], *inputs, *argv[1:], "--dry-run"])  # the overrides before any option
     return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("start:"))
 
 
 @pytest.mark.parametrize("spelling", list(SPELLINGS))
-def test_resume_has_one_meaning_in_yaml_override_flag_and_launcher(spelling, tmp_path, capsys):
+def test_resume_has_one_meaning_in_yaml_override_flag_and_launcher(spelling, tmp_path, capsys, tiny_models,
+                                                                  tiny_embeddings):
+    inputs = [*model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}"]  # the plan checks them
     value = str(tmp_path / "checkpoint-4") if spelling == "PATH" else spelling
     expected = SPELLINGS[spelling] + (f" {value}" if spelling == "PATH" else "")
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text((ROOT / "configs/tiny.yaml").read_text() + f"\nresume: {json.dumps(value)}\n")
-    starts = {"yaml": _dry_run([str(yaml_file)], capsys),
-              "override": _dry_run([str(ROOT / "configs/tiny.yaml"), f"resume={value}"], capsys),
-              "flag": _dry_run([str(ROOT / "configs/tiny.yaml"), "--resume", value], capsys)}
+    starts = {"yaml": _dry_run([str(yaml_file)], capsys, inputs),
+              "override": _dry_run([str(ROOT / "configs/tiny.yaml"), f"resume={value}"], capsys, inputs),
+              "flag": _dry_run([str(ROOT / "configs/tiny.yaml"), "--resume", value], capsys, inputs)}
     for name, env, args in (("RESUME=", {"RESUME": value}, []), ("launcher override", {}, [f"resume={value}"])):
-        result = _run([*FINETUNE, *args], DRY_RUN="1", **env)
+        result = _run([*FINETUNE, *inputs, *args], DRY_RUN="1", **env)
         assert result.returncode == 0, result.stderr[-2000:]
         starts[name] = next(line for line in result.stdout.splitlines() if line.startswith("start:"))
     assert all(line.startswith(expected) for line in starts.values()), starts
 
 
-def test_resume_given_twice_differently_is_refused_naming_both(capsys):
+def test_resume_given_twice_differently_is_refused_naming_both(capsys, tiny_models, tiny_embeddings):
     from g2rpo import train
 
+    inputs = [*model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}"]
     with pytest.raises(ValueError, match=r"resume is given twice, differently: --resume auto \(the launchers' RESUME=\) "
                                          r"and the override resume=none; give one"):
         train.main(["--config", str(ROOT / "configs/tiny.yaml"), "resume=none", "--resume", "auto", "--dry-run"])
-    assert "afresh" in _dry_run([str(ROOT / "configs/tiny.yaml"), "resume=none", "--resume", "none"], capsys)
+    assert "afresh" in _dry_run([str(ROOT / "configs/tiny.yaml"), "resume=none", "--resume", "none"], capsys, inputs)
     _assert_refused(_run([*FINETUNE, "resume=none"], DRY_RUN="1", RESUME="auto"),
                     "resume is given twice, differently: --resume auto")
     _assert_refused(_run([*FINETUNE], DRY_RUN="1", RESUME="auto", OVERWRITE="1"),
@@ -208,6 +211,6 @@ def test_resume_given_twice_differently_is_refused_naming_both(capsys):
     _assert_refused(_run([*FINETUNE, "--config", "configs/tiny.yaml"], DRY_RUN="1"),
                     "CONFIG=configs/tiny.yaml and --config are both given; give one")
     # without RESUME the launcher's default (auto) gives way to an explicit override
-    fresh = _run([*FINETUNE, "resume=none"], DRY_RUN="1")
+    fresh = _run([*FINETUNE, *inputs, "resume=none"], DRY_RUN="1")
     assert fresh.returncode == 0 and "start: afresh" in fresh.stdout, fresh.stderr[-2000:]
-    assert "start: the newest committed checkpoint" in _run([*FINETUNE], DRY_RUN="1").stdout
+    assert "start: the newest committed checkpoint" in _run([*FINETUNE, *inputs], DRY_RUN="1").stdout

@@ -252,6 +252,8 @@ def test_deepspeed_trains_like_fsdp_exports_and_resumes_bit_identically(straight
     straight_out, out = tmp_path / "straight", tmp_path / "resumed"
     first = _run(_cmd(tiny_models, tiny_embeddings, straight_out, "max_steps=2", *ds))
     assert "shm_comm" not in first.stdout + first.stderr  # no g++ build of DeepSpeed's CPU inference all-reduce
+    for noise in ("FutureWarning", "DeprecationWarning", "[WARNING]"):  # as quiet as an FSDP run
+        assert noise not in first.stdout + first.stderr, noise
     for step in (0, 1):
         for key in ("loss", "reward/hps", "eval_reward/clip_score"):
             assert _metrics(straight_out)[step][key] == pytest.approx(_metrics(straight)[step][key], rel=1e-3,

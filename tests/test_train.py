@@ -2,6 +2,7 @@
 training, checkpoints that reload, launchers, and a measured learning signal."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -244,10 +245,18 @@ def test_configs_validate():
                                            ("finetune_g2rpo_hps_clip_8gpu.sh", "1 node(s) x 8 process(es) = 8 rank(s)"),
                                            ("finetune_g2rpo_hps_clip_1gpu.sh", "= 1 rank(s), engine fsdp"),
                                            ("finetune_g2rpo_tiny.sh", "1 node(s) x 2 process(es) = 2 rank(s)")])
-def test_launcher_dry_run_prints_the_world(script, world):
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "finetune" / script)], env={**ENV, "DRY_RUN": "1"},
+def test_launcher_dry_run_prints_the_world(script, world, tiny_models, tiny_embeddings):
+    """The plan, then the inputs it would read: FLUX.1-dev's are not on this machine, so those dry runs end with
+    the refusal naming them; the tiny one, pointed at this session's tiny models, finds all."""
+    tiny = [*_model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}"] if "tiny" in script else []
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "finetune" / script), *tiny], env={**ENV, "DRY_RUN": "1"},
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
     assert world in result.stdout
+    if tiny:
+        assert result.returncode == 0 and "inputs: all found" in result.stdout, result.stderr
+    else:
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and re.search(r"^inputs: \d+ missing$", result.stdout, re.M), result.stderr
+        assert last.startswith("error: configs/") and "models.flux.path=ckpt/flux (no model_index.json" in last, last
     if "hps_clip" in script and "1gpu" not in script:
         assert "optimiser updates: 2408 (8 per step)" in result.stdout

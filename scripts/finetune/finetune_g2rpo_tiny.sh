@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# G2RPO on the tiny offline models: CPU, 2 processes (FSDP over gloo), about a minute.
+# G2RPO on the tiny offline models: CPU, 2 processes (FSDP over gloo), about 15 s of training. Any tiny config runs
+# through it: CONFIG=configs/tiny_dancegrpo.yaml (flowgrpo, mixgrpo, densegrpo), each into its own outputs/tiny/<method>.
 #
 #   bash scripts/finetune/finetune_g2rpo_tiny.sh [section.field=value ...]
 #

@@ -3,6 +3,7 @@
     python scripts/huggingface/download_hf.py --all                        # every model README.md lists
     python scripts/huggingface/download_hf.py --repo_id xswu/HPSv2 --local_dir ckpt/hps --filename HPS_v2.1_compressed.pt
     python scripts/huggingface/download_hf.py --hpdv2-prompts data/hpdv2_test_prompts.txt
+    python scripts/huggingface/download_hf.py --hpdv2-train-prompts data/prompts.txt   # what training encodes
 
 Needs network (and, for FLUX.1-dev, an accepted licence plus `hf auth login`). This is the only part
 of g2rpo that goes online, and only when you run it. Only the files g2rpo reads are fetched: FLUX.1-dev
@@ -46,6 +47,40 @@ def write_hpdv2_prompts(path: Path, per_style: int) -> None:
     print(f"wrote {len(lines)} prompts to {path}")
 
 
+def hpdv2_train_prompts(train_json: Path) -> tuple[list[str], int]:
+    """The HPDv2 training prompts from the dataset's ``train.json`` (a list of entries, each with its ``prompt`` and
+    the images rated for it): one line per prompt, whitespace collapsed, in the file's order, each once. Returns
+    ``(prompts, duplicates dropped)``. DanceGRPO and G2RPO train on these."""
+    import json
+
+    try:
+        entries = json.loads(train_json.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{train_json}: not HPDv2's train.json ({type(exc).__name__}: {exc})") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("prompt"), str) for e in entries):
+        raise ValueError(f"{train_json}: expected HPDv2's layout, a JSON list of objects with a 'prompt' string")
+    lines = [" ".join(e["prompt"].split()) for e in entries]
+    unique = list(dict.fromkeys(line for line in lines if line))
+    return unique, len(lines) - len(unique)
+
+
+def write_hpdv2_train_prompts(path: Path, train_json: Path | None) -> None:
+    """Fetch ``train.json`` of the ymhao/HPDv2 dataset (unless ``train_json`` names a local copy) and write its
+    prompts to ``path``; prints their count and the file's SHA-256 (what preprocessing's fingerprint records)."""
+    import hashlib
+
+    from g2rpo.io import atomic_write_text
+
+    if train_json is None:
+        from huggingface_hub import hf_hub_download
+
+        train_json = Path(hf_hub_download("ymhao/HPDv2", "train.json", repo_type="dataset"))
+    prompts, dropped = hpdv2_train_prompts(train_json)
+    atomic_write_text(path, "\n".join(prompts) + "\n")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    print(f"wrote {len(prompts)} HPDv2 training prompts to {path} ({dropped} repeated ones dropped); sha256 {digest}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo_id", help="a Hub repository, e.g. xswu/HPSv2")
@@ -54,9 +89,12 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="fetch every model in the README's table")
     parser.add_argument("--hpdv2-prompts", type=Path, help="write the HPDv2 benchmark prompts to this file")
     parser.add_argument("--per-style", type=int, default=100, help="prompts per HPDv2 style (default 100 -> 400)")
+    parser.add_argument("--hpdv2-train-prompts", type=Path, help="write the HPDv2 training prompts to this file "
+                        "(data/prompts.txt: what the preprocessing launcher encodes by default)")
+    parser.add_argument("--hpdv2-train-json", type=Path, help="a local copy of the dataset's train.json (no download)")
     args = parser.parse_args()
-    if not (args.repo_id or args.all or args.hpdv2_prompts):
-        parser.error("give --repo_id, --all or --hpdv2-prompts")
+    if not (args.repo_id or args.all or args.hpdv2_prompts or args.hpdv2_train_prompts):
+        parser.error("give --repo_id, --all, --hpdv2-prompts or --hpdv2-train-prompts")
     if args.repo_id:
         folder, files, skip = MODELS.get(args.repo_id, (None, None, None))
         if not (args.local_dir or folder):
@@ -67,6 +105,8 @@ def main() -> None:
             download(repo_id, folder, files, skip)
     if args.hpdv2_prompts:
         write_hpdv2_prompts(args.hpdv2_prompts, args.per_style)
+    if args.hpdv2_train_prompts:
+        write_hpdv2_train_prompts(args.hpdv2_train_prompts, args.hpdv2_train_json)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
     python scripts/inference/infer.py --base ckpt/tiny/flux --prompt "a red fox in snow" \
         --height 64 --width 64 --dtype float32 --out outputs/tiny/inference
 
-Writes ``00000.png, 00001.png, ...`` (named by prompt index) and ``settings.json`` into --out.
+Writes ``00000.png, 00001.png, ...`` (named by prompt index), ``settings.json`` and ``fingerprint.json`` (what the
+images were made from: base, transformer / LoRA, prompts, sampling settings) into --out. An --out that holds
+images made otherwise is refused, naming what changed (use a new --out, or --overwrite to delete its images
+first), so a folder never mixes two runs' images.
 Prompt i is sampled with seed ``--seed + i``, so an image does not depend on which other prompts
 were generated with it. Files are written atomically; nothing is downloaded. A --transformer is
 checked first (`g2rpo.checkpoint.verify_export`): a checkpoint export must match its COMMITTED
@@ -22,6 +25,7 @@ import torch
 
 from g2rpo.checkpoint import verify_export
 from g2rpo.data import read_prompt_file
+from g2rpo.fingerprint import FINGERPRINT, check_reuse, digest, weights_identity, write_fingerprint
 from g2rpo.io import atomic_write_text, write_png
 from g2rpo.models import load_flux_pipeline, resolve_dtype
 
@@ -43,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", type=Path, default=Path("outputs/inference"), help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="delete the images an earlier run left in --out first")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps {args.steps}: must be >= 1")
@@ -59,18 +64,41 @@ def check_transformer(folder: Path | None) -> None:
     print(verify_export(folder), flush=True)
 
 
+OUTPUTS = ("settings.json", FINGERPRINT)  # besides the PNGs, what a run writes into --out (what --overwrite deletes)
+
+
+def claim_out(args, prompts: list[str]) -> None:
+    """Refuse an --out holding images made from other inputs than now (or delete them with --overwrite), then record
+    this run's fingerprint before the first image is written."""
+    expected = {"base": weights_identity(args.base), "prompts": digest(prompts),
+                "transformer": weights_identity(args.transformer) if args.transformer else None,
+                "lora": weights_identity(args.lora) if args.lora else None,
+                "sampling": {"steps": args.steps, "guidance": args.guidance, "height": args.height,
+                             "width": args.width, "seed": args.seed, "dtype": args.dtype}}
+    earlier = sorted(args.out.glob("*.png")) + [args.out / name for name in OUTPUTS if (args.out / name).is_file()]
+    if args.overwrite:
+        for path in earlier:
+            path.unlink()
+        if earlier:
+            print(f"--overwrite: deleted {len(earlier)} file(s) of an earlier run in {args.out}")
+    else:
+        check_reuse(args.out, expected, "images", "--overwrite", has_outputs=any(p.suffix == ".png" for p in earlier))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_fingerprint(args.out, expected)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     prompts = args.prompt if args.prompt else read_prompt_file(args.prompt_file)
     prompts = prompts[: args.limit] if args.limit is not None else prompts
     check_transformer(args.transformer)
     check_transformer(args.lora)
+    claim_out(args, prompts)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load_flux_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer,
                               lora_path=args.lora).to(device)
     pipe.set_progress_bar_config(disable=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device).manual_seed(args.seed + index)
