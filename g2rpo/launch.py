@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         codes = {rank: failure.exitcode for rank, failure in failed.failures.items()}
         if len(set(codes.values())) == 1 and set(codes.values()) <= STOP_CODES:  # every failed worker stopped on a
             sys.exit(next(iter(codes.values())))  # signal, after its checkpoint
-        messages = [path.read_text().strip() for path in sorted(refusals.glob("rank*.txt"))]
+        files = sorted(refusals.glob("rank*.txt"), key=lambda path: int(path.stem.removeprefix("rank")))
+        messages = [path.read_text().strip() for path in files]
         # a negative code is a signal; once a worker has failed, torchrun stops the others with SIGTERM: not news
         own = {rank: code for rank, code in codes.items() if code >= 0} or codes
         crashed = {rank: code for rank, code in own.items() if code != REFUSAL_EXIT}

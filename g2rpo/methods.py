@@ -89,6 +89,7 @@ class SingularMethod:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.norm = Normalization.from_config(cfg.advantage)
 
     @property
     def sampling(self):
@@ -122,10 +123,10 @@ class SingularMethod:
     def advantages(self, groups, weights, gather=None) -> list[torch.Tensor]:
         """``[N, K]`` per group: MGAI over every group of this rank (each group normalised on its own; with
         ``advantage.std_over: global`` the std over ``gather``'s every group of the step, on every rank)."""
-        n, norm = self.sampling.group_size, Normalization.from_config(self.cfg.advantage)
+        n = self.sampling.group_size
         rewards = torch.cat([group.rewards for group in groups], dim=2)
-        pooled = gather(rewards, 2) if norm.pooled_std else None
-        flat = mgai_advantages(rewards, n, self.cfg.ppo.adv_clip_max, weights, norm, pooled)
+        pooled = gather(rewards, 2) if self.norm.pooled_std else None
+        flat = mgai_advantages(rewards, n, self.cfg.ppo.adv_clip_max, weights, self.norm, pooled)
         return list(flat.split(n))
 
     def units(self, groups, advantages, compute_dtype=None) -> list[list[Chunk]]:
@@ -155,6 +156,7 @@ class TrajectoryMethod:
         self.cfg, self.tcfg = cfg, cfg.trajectory
         self.name = cfg.method
         self.share = update_share(cfg, world_size)  # generations of each group per optimiser update
+        self.norm = Normalization.from_config(cfg.advantage)
         self.dense = cfg.method == "densegrpo"
         t = self.sampling.num_steps
         sigmas = sigma_schedule(t, self.sampling.shift)
@@ -238,10 +240,9 @@ class TrajectoryMethod:
         """Per group: ``[N]`` (terminal) or ``[N, T]`` (dense); with ``advantage.std_over: global`` the std over
         ``gather``'s every generation of the step, on every rank."""
         n, clip = self.sampling.group_size, self.cfg.ppo.adv_clip_max
-        norm = Normalization.from_config(self.cfg.advantage)
-        pooled = gather(torch.cat([g.rewards for g in groups], dim=1), 1) if norm.pooled_std else None
+        pooled = gather(torch.cat([g.rewards for g in groups], dim=1), 1) if self.norm.pooled_std else None
         advantages = dense_advantages if self.dense else terminal_advantages
-        return [advantages(g.rewards, n, clip, weights, norm, pooled) for g in groups]
+        return [advantages(g.rewards, n, clip, weights, self.norm, pooled) for g in groups]
 
     def trained_transitions(self, rollout, generator: torch.Generator) -> list[list[int]]:
         """Per generation, the grid indices of the transitions it trains: all stochastic ones, or ``⌊fraction·n⌋``

@@ -9,7 +9,6 @@ and prints the resolved world (nodes, ranks, groups per rank, steps, updates) wi
 """
 
 import argparse
-import sys
 
 from g2rpo.config import TrainConfig, checkpoint_steps, load_config
 

@@ -146,9 +146,9 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_json(path: Path, value) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    from g2rpo.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(value, indent=1) + "\n")
 
 
 def log_tail(log: Path, lines: int = 40) -> str:
@@ -167,13 +167,9 @@ def write_summary(path: Path, records: dict, args, elapsed: float) -> None:
         table = TABLES[name](r["result"]) if r.get("result") else None
         if table:
             lines += ["", f"## {name}", "", *table]
-    write_text(path, "\n".join(lines) + "\n")
+    from g2rpo.io import atomic_write_text
 
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
