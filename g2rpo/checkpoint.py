@@ -41,11 +41,10 @@ import numpy as np
 import torch
 
 from g2rpo.distributed import agreed, all_gather_object, barrier
-from g2rpo.fingerprint import FINGERPRINT, digest, sha256_file
+from g2rpo.fingerprint import FINGERPRINT, MARKER, digest, export_manifest, sha256_file
 from g2rpo.io import atomic_write_text, save_safetensors
 
 FORMAT_VERSION = 2  # 2: FSDP2 state (the model's own parameter names), exports sharded per rank
-MARKER = "COMMITTED"
 # What a resumed run must share with the checkpoint besides the config: g2rpo.config.RESUME_MAY_CHANGE
 # lists the config fields that may change; DeepSpeed ZeRO states also need the same world size.
 
@@ -159,21 +158,6 @@ def find_latest(output_dir: str | Path) -> Path | None:
 
 def _is_checkpoint_name(name: str) -> bool:
     return re.fullmatch(r"\.?checkpoint-\d+(\.tmp)?", name) is not None
-
-
-def export_manifest(folder: str | Path) -> dict | None:
-    """``{relative path: {size, sha256}}`` of an exported transformer as its checkpoint's ``COMMITTED``
-    records it (paths relative to ``folder``), or None when ``folder`` is not such an export."""
-    folder = Path(folder)
-    marker = folder.parent / MARKER
-    if not marker.is_file():
-        return None
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f"{marker}: unreadable ({exc})") from None
-    prefix = f"{folder.name}/"
-    return {rel.removeprefix(prefix): entry for rel, entry in files.items() if rel.startswith(prefix)} or None
 
 
 def verify_export(folder: str | Path) -> str:
@@ -300,11 +284,14 @@ def export_transformer(engine, folder: Path, dtype: torch.dtype, info, group=Non
     shard; rank 0 adds ``config.json`` and, for several shards, the index diffusers reads. A write
     that fails on any rank fails on every rank (after the gathers, so no collective is left open).
     """
-    from diffusers import FluxTransformer2DModel
-
     sizes = engine.param_sizes()
     owners = plan_export(sizes, info.world_size)
     mine = engine.gather_params(dtype, owners, ema=ema)
+    first = min(owners.values())
+    buffers = engine.fixed_buffers()  # SD3's position table: written by the first writer, as stored
+    owners.update({name: first for name in buffers})
+    if info.rank == first:
+        mine.update(buffers)
     writers = sorted(set(owners.values()))
     if len(writers) == 1:
         names = {writers[0]: "diffusion_pytorch_model.safetensors"}
@@ -317,7 +304,7 @@ def export_transformer(engine, folder: Path, dtype: torch.dtype, info, group=Non
             save_safetensors(mine, folder / names[info.rank], metadata={"format": "pt"})
         if info.is_main:
             with torch.device("meta"):
-                FluxTransformer2DModel.from_config(engine.config).save_config(folder)
+                engine.family.transformer_cls().from_config(engine.config).save_config(folder)
             if len(writers) > 1:
                 element = torch.tensor([], dtype=dtype).element_size()
                 index = {"metadata": {"total_size": sum(sizes.values()) * element},
@@ -328,11 +315,11 @@ def export_transformer(engine, folder: Path, dtype: torch.dtype, info, group=Non
 
 
 def export_lora(engine, folder: Path, info, group=None, ema: bool = False) -> None:
-    """The adapters (``ema``: averaged) as diffusers' FLUX LoRA file, written by rank 0. Collective."""
+    """The adapters (``ema``: averaged) as the family's diffusers LoRA file, written by rank 0. Collective."""
     from g2rpo.lora import write_lora_folder
 
     adapters = {name: t.cpu() for name, t in engine.lora_state(ema).items()}
-    agreed(lambda: write_lora_folder(folder, adapters, engine.lora) if info.is_main else None, group)
+    agreed(lambda: write_lora_folder(folder, adapters, engine.lora, engine.family) if info.is_main else None, group)
 
 
 def export_all(engine, folder: Path, dtype: torch.dtype, info, group=None) -> None:

@@ -1,6 +1,6 @@
 """Configuration: nested dataclasses loaded strictly from YAML, with dotted command-line overrides.
 
-``load_config(ModelsConfig, "configs/models/tiny.yaml", ["flux.dtype=bfloat16"])`` reads the file,
+``load_config(ModelsConfig, "configs/models/tiny.yaml", ["base.dtype=bfloat16"])`` reads the file,
 applies the overrides (values parsed as YAML), and builds the dataclasses. Unknown keys, wrong
 types and invalid values raise ``ValueError`` naming the file, the dotted field and what was
 expected. Every field has a default equal to the reference recipe (real FLUX.1-dev weights);
@@ -35,14 +35,15 @@ def _check_dtype(where: str, value: str) -> None:
 
 
 @dataclass
-class FluxModelConfig:
+class BaseModelConfig:
     path: str = "ckpt/flux"
-    """diffusers FluxPipeline folder (FLUX.1-dev, or ckpt/tiny/flux)."""
+    """diffusers pipeline folder of the base model (FLUX.1-dev: ckpt/flux; SD3.5-Medium: ckpt/sd35m; tiny:
+    ckpt/tiny/flux, ckpt/tiny/sd3)."""
     dtype: str = "bfloat16"
     """dtype the frozen parts (VAE, text encoders) and inference run in: float32 | bfloat16 | float16."""
 
     def __post_init__(self):
-        _check_dtype("flux.dtype", self.dtype)
+        _check_dtype("base.dtype", self.dtype)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class ClipScoreModelConfig:
 @dataclass
 class PickScoreModelConfig:
     model: str = "ckpt/pickscore"
-    """transformers CLIPModel folder of yuvalkirstain/PickScore_v1 (evaluation only)."""
+    """transformers CLIPModel folder of yuvalkirstain/PickScore_v1."""
     processor: str = "ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K"
     """folder with the CLIPProcessor files PickScore uses (the laion ViT-H-14 repo carries them)."""
     dtype: str = "float16"
@@ -144,12 +145,20 @@ class UnifiedRewardModelConfig:
 
 @dataclass
 class ModelsConfig:
-    flux: FluxModelConfig = field(default_factory=FluxModelConfig)
+    kind: str = "auto"
+    """the base model's family (g2rpo.models): flux | sd3 | auto (read from base.path's model_index.json)."""
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
     hps: HPSModelConfig = field(default_factory=HPSModelConfig)
     clip_score: ClipScoreModelConfig = field(default_factory=ClipScoreModelConfig)
     pickscore: PickScoreModelConfig = field(default_factory=PickScoreModelConfig)
     imagereward: ImageRewardModelConfig = field(default_factory=ImageRewardModelConfig)
     unifiedreward: UnifiedRewardModelConfig = field(default_factory=UnifiedRewardModelConfig)
+
+    def __post_init__(self):
+        from g2rpo.models import families
+
+        if self.kind != "auto" and self.kind not in families():
+            raise ValueError(f"kind={self.kind!r}: expected auto or one of {', '.join(families())}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +181,11 @@ class SamplingConfig:
     group_size: int = 12
     """N, generations per prompt; all share one start noise and one anchor trajectory."""
     guidance: float = 3.5
-    """FLUX.1-dev distilled guidance scale given to the transformer."""
+    """FLUX: the distilled guidance scale given to the transformer (FLUX.1-dev: 3.5); SD3: the classifier-free
+    guidance scale (Flow-GRPO's SD3.5-M: 4.5; 1 = no CFG, one forward per sample)."""
+    grid: str = "uniform"
+    """the σ grid: uniform, σ_i = shift(1 − i/T) (G²RPO, DanceGRPO, FLUX) | scheduler, diffusers'
+    FlowMatchEulerDiscreteScheduler at a static shift (StableDiffusion3Pipeline, Flow-GRPO's SD3 trainer)."""
     height: int = 720
     """image height in pixels (multiple of 16)."""
     width: int = 720
@@ -189,6 +202,11 @@ class SamplingConfig:
     exact, σ unrounded (Flow-GRPO feeds σ·1000 as it is)."""
 
     def __post_init__(self):
+        if self.grid not in ("uniform", "scheduler"):
+            raise ValueError(f"grid={self.grid!r}: expected uniform (σ = shift(1 − i/T)) or scheduler (diffusers' "
+                             f"FlowMatchEulerDiscreteScheduler)")
+        if self.guidance < 0:
+            raise ValueError(f"guidance={self.guidance}: must be >= 0")
         if self.timestep not in ("quantized", "exact"):
             raise ValueError(f"timestep={self.timestep!r}: expected quantized (floor(σ·1000)/1000, G²RPO, DanceGRPO) or "
                              f"exact (Flow-GRPO)")
@@ -227,7 +245,7 @@ class SamplingConfig:
 @dataclass
 class RewardSpec:
     name: str = "hps"
-    """reward model that can train (g2rpo.reward_registry): hps | clip_score."""
+    """reward model that can train (g2rpo.reward_registry): hps | clip_score | pickscore."""
     weight: float | None = None
     """weight of this reward's advantage term in the MGAI sum; unset: the registry's default (1, the reference's)."""
 
@@ -490,8 +508,13 @@ class LoRAConfig:
     """peft name suffixes of the adapted linear layers (default: Flow-GRPO's, every attention projection)."""
     export_merged: bool = False
     """also export the merged transformer (W + alpha/rank · B A, save_dtype) as checkpoint-N/transformer."""
+    init: str = "kaiming"
+    """lora_A's initialisation (lora_B starts at 0, so the model starts as the base either way): kaiming, peft's
+    default | gaussian, N(0, 1/rank²), peft's "gaussian" (Flow-GRPO's SD3 trainer)."""
 
     def __post_init__(self):
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"lora.init={self.init!r}: expected kaiming (peft's default) or gaussian")
         if self.rank < 0:
             raise ValueError(f"lora.rank={self.rank}: must be >= 0 (0 turns LoRA off)")
         if self.rank and (self.alpha <= 0 or not self.target_modules):
@@ -673,6 +696,9 @@ def _check_method_fields(cfg: "TrainConfig") -> None:
             unused.append("ppo.update")
         if cfg.method != "mixgrpo" and cfg.window != WindowConfig():
             unused.append("window")
+        if cfg.window.post_compress < 1 and cfg.sampling.grid != "uniform":
+            raise ValueError("window.post_compress < 1 (MixGRPO-Flash) compresses the uniform grid; it needs "
+                             "sampling.grid=uniform")
         if cfg.method != "densegrpo" and cfg.dense != DenseConfig():
             unused.append("dense")
         if cfg.trajectory.noise == "psi" and not cfg.dense.psi_table:
@@ -696,7 +722,7 @@ RESUME_MAY_CHANGE = (
     "engine.rollout_weights", "engine.compile_rollout", "ema.device", "ema.eval", "lora.export_merged",
     "sampling.order", "sampling.micro_batch", "trajectory.micro_batch",
     "data.index",  # the path; the content is compared on its own (g2rpo.checkpoint)
-    "models.flux.path", "models.hps.base_dir", "models.hps.checkpoint", "models.clip_score.path", "models.pickscore.",
+    "models.base.path", "models.hps.base_dir", "models.hps.checkpoint", "models.clip_score.path", "models.pickscore.",
     "models.imagereward.", "models.unifiedreward.",
 )
 
@@ -716,7 +742,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
 def resume_refusal(name: str, now: dict) -> str | None:
     """Why field ``name`` may not differ from the checkpoint's on resume under config ``now`` (flattened): ``""``
     when it is not in `RESUME_MAY_CHANGE`, a reason when only this run's setup forbids it, None when it may."""
-    if name == "models.flux.path" and (now.get("lora.rank") or now.get("ppo.kl_beta")):  # the base is in the model
+    if name == "models.base.path" and (now.get("lora.rank") or now.get("ppo.kl_beta")):  # the base is in the model
         return (" (with lora.rank > 0 or ppo.kl_beta > 0 the checkpoint holds no base weights: the adapters, or the "
                 "KL reference, are those of the base it was trained from)")
     if any(name == field or (field.endswith(".") and name.startswith(field)) for field in RESUME_MAY_CHANGE):
@@ -746,6 +772,10 @@ def resume_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------------------------
 
 
+# Fields that moved: (dataclass, old key) -> where it is now (named in the unknown-key error).
+RENAMED = {(ModelsConfig, "flux"): "base (models.base.path, models.base.dtype: any model family)"}
+
+
 def from_dict(cls: type[T], data: Any, where: str = "config", nested: bool = False) -> T:
     """Build dataclass ``cls`` from a mapping; ``where`` prefixes every error: the source (a file), then
     ``: `` and the dotted path of the field (``configs/tiny.yaml: ema.decay``)."""
@@ -756,7 +786,9 @@ def from_dict(cls: type[T], data: Any, where: str = "config", nested: bool = Fal
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(fields))}")
+        renamed = "".join(f" ({old} is now {RENAMED[cls, old]})" for old in unknown if (cls, old) in RENAMED)
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are {', '.join(sorted(fields))}"
+                         f"{renamed}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if nested else f"{where}: {name}")
               for name, value in data.items()}

@@ -37,45 +37,45 @@ def read_prompt_file(path: str | Path) -> list[str]:
 # Embedding files and their index
 # --------------------------------------------------------------------------------------------
 
-EMBEDDING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "text_ids")
+NEGATIVE = "negative.safetensors"  # the empty prompt's conditioning, beside the index (families with CFG)
 
 
-def write_embedding(path: str | Path, prompt_embeds, pooled_prompt_embeds, text_ids, caption: str) -> None:
-    """One prompt's conditioning as safetensors (``[S, D]``, ``[P]``, ``[S, 3]``), written atomically."""
+def write_embedding(path: str | Path, prompt_embeds=None, pooled_prompt_embeds=None, text_ids=None, caption: str = "",
+                    **tensors) -> None:
+    """One prompt's conditioning as safetensors (its family's ``embedding_keys``; FLUX: ``[S, D]``, ``[P]``,
+    ``[S, 3]``), written atomically."""
     from g2rpo.io import save_safetensors
 
-    save_safetensors({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds,
-                      "text_ids": text_ids}, path, metadata={"caption": caption})
+    named = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds, "text_ids": text_ids}
+    save_safetensors({**{k: t for k, t in named.items() if t is not None}, **tensors}, path,
+                     metadata={"caption": caption})
 
 
-def _check_layout(shapes: dict, floats: dict, where: str, dims: tuple[int, int] | None) -> None:
-    """Keys, ranks, matching lengths, floating dtypes and (optionally) the model's dims of one embedding
-    file, from its tensors' shapes (``{key: shape}``) and whether each is floating point."""
-    missing = [k for k in EMBEDDING_KEYS if k not in shapes]
-    if missing:
-        raise ValueError(f"{where}: missing tensor(s) {', '.join(missing)}; expected {', '.join(EMBEDDING_KEYS)}")
-    embeds, pooled, ids = (tuple(shapes[k]) for k in EMBEDDING_KEYS)
-    if len(embeds) != 2 or len(pooled) != 1 or len(ids) != 2 or ids != (embeds[0], 3):
-        raise ValueError(f"{where}: shapes prompt_embeds {embeds}, pooled_prompt_embeds {pooled}, text_ids {ids}; "
-                         f"expected [S, D], [P], [S, 3]")
-    if not (floats["prompt_embeds"] and floats["pooled_prompt_embeds"]):
-        raise ValueError(f"{where}: embeddings must be floating point")
-    if dims is not None and (embeds[1], pooled[0]) != tuple(dims):
-        raise ValueError(f"{where}: embedding dims (D={embeds[1]}, P={pooled[0]}) do not match the "
-                         f"transformer (joint_attention_dim={dims[0]}, pooled_projection_dim={dims[1]})")
+def _family(family):
+    from g2rpo.models import family as by_kind
+
+    return by_kind("flux") if family is None else family
 
 
-def validate_embedding(tensors: dict, where: str, dims: tuple[int, int] | None = None):
-    """Check keys, ranks, matching lengths, finiteness and (optionally) the model's dims; name ``where``."""
+def _config(dims) -> dict | None:
+    """A transformer config (or the ``(joint_attention_dim, pooled_projection_dim)`` pair) as a dict."""
+    if dims is None or isinstance(dims, dict):
+        return dims
+    return {"joint_attention_dim": dims[0], "pooled_projection_dim": dims[1]}
+
+
+def validate_embedding(tensors: dict, where: str, dims=None, family=None):
+    """Check keys, ranks, matching lengths, finiteness and (optionally) the model's widths (``dims``: the
+    transformer config, or its ``(joint_attention_dim, pooled_projection_dim)``); name ``where``."""
     import torch
 
-    _check_layout({k: t.shape for k, t in tensors.items()}, {k: t.is_floating_point() for k, t in tensors.items()},
-                  where, dims)
-    if not (torch.isfinite(tensors["prompt_embeds"]).all() and torch.isfinite(tensors["pooled_prompt_embeds"]).all()):
+    _family(family).check_layout({k: t.shape for k, t in tensors.items()},
+                                 {k: t.is_floating_point() for k, t in tensors.items()}, where, _config(dims))
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
         raise ValueError(f"{where}: embeddings contain NaN or inf")
 
 
-def check_embedding_header(path: str | Path, dims: tuple[int, int] | None = None) -> None:
+def check_embedding_header(path: str | Path, dims=None, family=None) -> None:
     """`validate_embedding`'s layout checks from the safetensors header alone (no tensor is read)."""
     from safetensors import SafetensorError, safe_open
 
@@ -86,23 +86,50 @@ def check_embedding_header(path: str | Path, dims: tuple[int, int] | None = None
             floats = {key: s.get_dtype().startswith(("F", "BF")) for key, s in slices.items()}
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path}: cannot read embedding file ({exc}); re-run the preprocessing step") from None
-    _check_layout(shapes, floats, str(path), dims)
+    _family(family).check_layout(shapes, floats, str(path), _config(dims))
+
+
+def embeddings_family(index_path: str | Path):
+    """The family an embedding folder was made for: its fingerprint's ``family`` (folders of FLUX, the first
+    family, have none), or None without a fingerprint."""
+    import json
+
+    from g2rpo.models import family
+
+    fingerprint = Path(index_path).parent / "fingerprint.json"
+    if not fingerprint.is_file():
+        return None
+    try:
+        kind = json.loads(fingerprint.read_text(encoding="utf-8")).get("family", "flux")
+    except ValueError:
+        return None
+    return family(kind)
 
 
 class EmbeddingDataset:
-    """Prompt embeddings listed in a JSONL index (``{"index", "caption", "file"}`` per line).
+    """Prompt embeddings listed in a JSONL index (``{"index", "caption", "file"}`` per line), for one model family
+    (``family``; default: the one the folder's fingerprint names, else FLUX).
 
     ``file`` is relative to the index's folder. Entries are checked when the index is read (fields,
-    files present) and each file when it is loaded (shapes, dtypes, finiteness, model dims).
+    files present) and each file when it is loaded (shapes, dtypes, finiteness, model widths: ``dims``, the
+    transformer config or its ``(joint_attention_dim, pooled_projection_dim)``). A family with classifier-free
+    guidance reads the empty prompt's conditioning once, from ``negative.safetensors`` beside the index.
     """
 
-    def __init__(self, index_path: str | Path, dims: tuple[int, int] | None = None):
+    def __init__(self, index_path: str | Path, dims=None, family=None):
         import json
 
         self.index_path = Path(index_path)
-        self.dims = dims
+        self.dims = _config(dims)
         if not self.index_path.is_file():
             raise FileNotFoundError(f"embedding index not found: {self.index_path} (run the preprocessing step)")
+        made_for = embeddings_family(self.index_path)
+        if family is not None and made_for is not None and made_for is not family:
+            raise ValueError(f"{self.index_path.parent}: embeddings of {made_for.title} (models.kind={made_for.kind}), "
+                             f"but the base model is {family.title} (models.kind={family.kind}); preprocess the prompts "
+                             f"with the base model's pipeline (python -m g2rpo.preprocess --model <its folder>)")
+        self.family = _family(family or made_for)
+        self._negative = None
         self.entries = []
         for number, line in enumerate(self.index_path.read_text(encoding="utf-8").splitlines(), start=1):
             where = f"{self.index_path}:{number}"
@@ -127,7 +154,14 @@ class EmbeddingDataset:
         starts, rather than when the schedule first reaches it; ranks split the files. Returns the count."""
         mine = range(rank, len(self.entries), world_size)
         for i in mine:
-            check_embedding_header(self.index_path.parent / self.entries[i]["file"], self.dims)
+            check_embedding_header(self.index_path.parent / self.entries[i]["file"], self.dims, self.family)
+        if self.family.negative:
+            negative = self.index_path.parent / NEGATIVE
+            if not negative.is_file():
+                raise FileNotFoundError(f"{negative}: missing; {self.family.title} samples with classifier-free "
+                                        f"guidance and reads the empty prompt's embedding from it (re-run the "
+                                        f"preprocessing step)")
+            check_embedding_header(negative, self.dims, self.family)
         return len(mine)
 
     def split(self, holdout: int) -> tuple["EmbeddingDataset", "EmbeddingDataset | None"]:
@@ -140,23 +174,31 @@ class EmbeddingDataset:
         train, held = object.__new__(EmbeddingDataset), object.__new__(EmbeddingDataset)
         for part, entries in ((train, self.entries[:-holdout]), (held, self.entries[-holdout:])):
             part.index_path, part.dims, part.entries = self.index_path, self.dims, entries
+            part.family, part._negative = self.family, self._negative
         return train, held
 
     def caption(self, i: int) -> str:
         return self.entries[i]["caption"]
 
-    def __getitem__(self, i: int):
+    def _load(self, path: Path) -> dict:
         from safetensors.torch import load_file
 
-        from g2rpo.rollout import PromptEmbedding
-
-        path = self.index_path.parent / self.entries[i]["file"]
         try:
             tensors = load_file(path)
         except Exception as exc:
             raise ValueError(f"{path}: cannot read embedding file ({exc})") from exc
-        validate_embedding(tensors, str(path), self.dims)
-        return PromptEmbedding(*(tensors[k] for k in EMBEDDING_KEYS)), self.entries[i]["caption"]
+        validate_embedding(tensors, str(path), self.dims, self.family)
+        return tensors
+
+    def negative(self) -> dict | None:
+        """The empty prompt's tensors (families with classifier-free guidance), read once."""
+        if self.family.negative and self._negative is None:
+            self._negative = self._load(self.index_path.parent / NEGATIVE)
+        return self._negative
+
+    def __getitem__(self, i: int):
+        tensors = self._load(self.index_path.parent / self.entries[i]["file"])
+        return self.family.conditioning(tensors, self.negative()), self.entries[i]["caption"]
 
 
 class GroupSchedule:

@@ -1,10 +1,11 @@
 """The trainable transformer under a parallel engine, behind one interface (`Engine`).
 
-``build_engine(cfg, info, total_updates)`` loads the FLUX transformer from the pipeline folder the
+``build_engine(cfg, info, total_updates)`` loads the base model's transformer from the pipeline folder the
 config names and returns one of:
 
 * `FSDPEngine` (``engine.kind: fsdp``, the default, any number of processes including one):
-  FSDP2 -- ``fully_shard`` on every FLUX block and on the root, fp32 master weights, a
+  FSDP2 -- ``fully_shard`` on every transformer block (its family's ``block_classes``) and on the root, fp32
+  master weights, a
   ``MixedPrecisionPolicy`` (bf16 parameters and all-gathers, fp32 gradient reduction; or fp32 under
   torch autocast, the reference's numerics) and optional ``CPUOffloadPolicy`` (the one-GPU option). The model is built on the meta device, sharded, and
   only then allocated and filled from the diffusers safetensors shard by shard: every rank reads
@@ -37,10 +38,15 @@ def _no_mark(phase: str) -> None:
     pass
 
 
-def flux_block_classes():
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-
-    return (FluxTransformerBlock, FluxSingleTransformerBlock)
+def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a diffusers weights file stores beside the parameters (SD3: its fixed 2-D position table
+    ``pos_embed.pos_embed``); FSDP2 does not shard them, so each rank holds them whole."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buffer
+    return out
 
 
 def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -161,6 +167,12 @@ class Engine:
     def trainable_numel(self) -> int:
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 
+    def fixed_buffers(self) -> dict[str, torch.Tensor]:
+        """The exported transformer's persistent buffers (whole, on the CPU): written beside the parameters."""
+        module = self.module.module if hasattr(self.module, "module") and not hasattr(self.module, "config") \
+            else self.module
+        return {name: b.detach().cpu() for name, b in persistent_buffers(module).items()}
+
     def _save_scheduler(self, folder: Path) -> None:
         if self.info.is_main:
             _torch_save_atomic(self.scheduler.state_dict(), folder / "scheduler.pt")
@@ -192,14 +204,13 @@ class FSDPEngine(Engine):
 
     def __init__(self, weights_folder: Path, engine_cfg, optim_cfg, total_updates: int, info: DistInfo,
                  mark=_no_mark, reference: bool = False, ema_cfg=None, lora_cfg=None, seed: int = 0):
-        from diffusers import FluxTransformer2DModel
-
-        from g2rpo.models import SafetensorsFolder
+        from g2rpo.models import SafetensorsFolder, transformer_family
 
         super().__init__(engine_cfg, optim_cfg, total_updates, info)
         ensure_process_group(info)
         weights = SafetensorsFolder(weights_folder)
-        self.config = FluxTransformer2DModel.load_config(weights_folder)
+        self.family = transformer_family(weights_folder)
+        self.config = self.family.transformer_cls().load_config(weights_folder)
         self.autocast_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "autocast" else None
         self.lora, self.seed = (lora_cfg if lora_cfg is not None and lora_cfg.rank else None), seed
         self.module, self.units = self._sharded_model(weights, weights_folder, trainable=True, mark=mark)
@@ -213,7 +224,7 @@ class FSDPEngine(Engine):
 
             self.ema = ShardedEMA(self.module, ema_cfg.decay, ema_cfg.update_every, ema_cfg.warmup, ema_cfg.device)
             mark("ema")
-        # FSDP2 warns on every block that returns a view; FLUX's blocks and our code never modify a block's
+        # FSDP2 warns on every block that returns a view; the blocks and our code never modify a block's
         # output in place (the FSDP / one-process gradient equality tests would catch it), so it is noise.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
@@ -223,13 +234,12 @@ class FSDPEngine(Engine):
         (``trainable=False``: no gradients, eval mode, no activation checkpointing) stores its shards in the
         compute dtype -- bf16 under ``mixed_precision: bf16``, the values the trained model's all-gathers cast
         its fp32 shards to -- so it costs half the trained shards' memory and computes what they computed."""
-        from diffusers import FluxTransformer2DModel
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         engine_cfg, info = self.cfg, self.info
         with torch.device("meta"):
-            model = FluxTransformer2DModel.from_config(self.config)
+            model = self.family.transformer_cls().from_config(self.config)
         param_dtype = torch.bfloat16 if engine_cfg.mixed_precision == "bf16" else None
         if trainable and engine_cfg.activation_checkpointing:
             model.enable_gradient_checkpointing()  # diffusers' own: keeps the parameter names unchanged
@@ -237,7 +247,8 @@ class FSDPEngine(Engine):
             from g2rpo.lora import LoraSource, add_lora
 
             add_lora(model, self.lora)  # only the adapters require gradients
-            weights = LoraSource(weights, {n: tuple(p.shape) for n, p in model.named_parameters()}, self.seed)
+            weights = LoraSource(weights, {n: tuple(p.shape) for n, p in model.named_parameters()}, self.seed,
+                                 self.lora.init)
         if not trainable:
             model.requires_grad_(False).eval()
         if param_dtype is not None:  # frozen weights (the LoRA base, the KL reference) in the compute dtype
@@ -249,16 +260,21 @@ class FSDPEngine(Engine):
                       offload_policy=CPUOffloadPolicy(pin_memory=info.device.type == "cuda") if engine_cfg.offload
                       else OffloadPolicy())
         reshard = engine_cfg.fsdp_sharding == "full_shard" or not trainable
-        units = [m for m in model.modules() if isinstance(m, flux_block_classes())]
+        units = [m for m in model.modules() if isinstance(m, self.family.blocks())]
         for block in units:
             fully_shard(block, reshard_after_forward=reshard, **policy)
         fully_shard(model, **policy)  # the root: embedders, final norm and projection
         units.append(model)
         model.to_empty(device="cpu" if engine_cfg.offload else info.device)  # allocates this rank's shards only
         mark("wrap")
-        weights.check_names([n for n, _ in model.named_parameters()], f"FLUX transformer {weights_folder}")
+        buffers = persistent_buffers(model)
+        weights.check_names([n for n, _ in model.named_parameters()] + list(buffers),
+                            f"{self.family.title} transformer {weights_folder}")
         fill = _fill_from_slices if engine_cfg.load_strategy == "slices" else _fill_from_broadcast
         fill(model, weights, info)
+        with torch.no_grad():
+            for name, buffer in buffers.items():  # whole on every rank; a few KB
+                _copy_checked(buffer, weights.read(name).to(buffer.dtype), name, weights)
         mark("load")
         return model, units
 
@@ -465,6 +481,9 @@ class RolloutWeights:
                 if isinstance(layer, torch.nn.Linear):
                     layer.to(compute_dtype)
         replica.to_empty(device=device)
+        with torch.no_grad():  # the fixed buffers (SD3's position table): the policy's own, unsharded
+            for name, buffer in persistent_buffers(replica).items():
+                buffer.copy_(persistent_buffers(model)[name])
         # the policy's attention processors (any the user set), matched by position: wrappers add no attention layers
         sources = [m for m in model.modules() if hasattr(m, "set_processor")]
         targets = [m for m in replica.modules() if hasattr(m, "set_processor")]
@@ -536,10 +555,11 @@ class DeepSpeedEngine(Engine):
                                 r"`torch\.distributed\.\w+` instead", category=FutureWarning)
         import deepspeed
 
-        from g2rpo.models import load_transformer
+        from g2rpo.models import load_transformer, transformer_family
 
         super().__init__(engine_cfg, optim_cfg, total_updates, info)
         ensure_process_group(info)
+        self.family = transformer_family(weights_folder)
         model = load_transformer(weights_folder, "float32").to(info.device).train()  # the whole fp32 model per rank
         mark("load")
         self.config = model.config
@@ -622,14 +642,14 @@ class DeepSpeedEngine(Engine):
 
 
 def build_engine(cfg, info: DistInfo, total_updates: int, mark=_no_mark) -> Engine:
-    """The engine ``cfg.engine.kind`` names, holding the transformer of ``cfg.models.flux.path``.
+    """The engine ``cfg.engine.kind`` names, holding the transformer of ``cfg.models.base.path``.
 
     ``mark(phase)`` is called as start-up phases end ("wrap", "load"), e.g. `g2rpo.memory.PhaseMeter.mark`.
     """
-    folder = Path(cfg.models.flux.path) / "transformer"
+    folder = Path(cfg.models.base.path) / "transformer"
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"FLUX transformer: {folder} has no config.json; expected a diffusers pipeline "
-                                f"folder at models.flux.path={cfg.models.flux.path}")
+        raise FileNotFoundError(f"transformer: {folder} has no config.json; expected a diffusers pipeline "
+                                f"folder at models.base.path={cfg.models.base.path}")
     if cfg.engine.kind == "fsdp":
         engine = FSDPEngine(folder, cfg.engine, cfg.optim, total_updates, info, mark, reference=cfg.ppo.kl_beta > 0,
                             ema_cfg=cfg.ema, lora_cfg=cfg.lora, seed=cfg.seed)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -45,7 +46,7 @@ class EvaluationError(Refusal, RuntimeError):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate and score images for the evaluation table")
-    p.add_argument("--base", type=Path, required=True, help="diffusers FLUX pipeline folder")
+    p.add_argument("--base", type=Path, required=True, help="diffusers pipeline folder of the base model (FLUX, SD3)")
     p.add_argument("--transformer", type=Path, default=None, help="trained transformer folder (default: the base's)")
     p.add_argument("--lora", type=Path, default=None, help="trained LoRA folder (a checkpoint's lora/ or lora_ema/)")
     p.add_argument("--prompts", type=Path, required=True, help="UTF-8 prompt file, one per line")
@@ -55,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--score-batch-size", type=int, default=8, help="images per reward call")
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--guidance", type=float, default=None, help="default: the base model's (FLUX 3.5, SD3 CFG 4.5)")
     p.add_argument("--height", type=int, default=720)
     p.add_argument("--width", type=int, default=720)
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
@@ -88,30 +89,58 @@ def summarize(records: list[dict], metrics: list[str]) -> list[dict]:
     return rows
 
 
-# The G²RPO paper's table (HPDv2's 400 test prompts, FLUX.1-dev), in its units.
-PAPER_COLUMNS = ("HPS-v2.1", "CLIP Score", "PickScore", "ImageReward", "UnifiedReward")
-PAPER_ROWS = {
-    "FLUX.1-dev": (0.305, 0.388, 0.226, 1.040, 3.621),
-    "DanceGRPO (HPS)": (0.353, 0.375, 0.228, 1.233, 3.548),
-    "MixGRPO (HPS)": (0.378, 0.358, 0.225, 1.266, 3.421),
-    "G²RPO (HPS)": (0.385, 0.355, 0.229, 1.313, 3.487),
-    "DanceGRPO (HPS + CLIP)": (0.331, 0.389, 0.227, 1.128, 3.569),
-    "MixGRPO (HPS + CLIP)": (0.363, 0.399, 0.230, 1.436, 3.661),
-    "G²RPO (HPS + CLIP)": (0.376, 0.406, 0.235, 1.483, 3.783),
+@dataclasses.dataclass(frozen=True)
+class PaperTable:
+    """A paper's result table in its own units: ``columns`` are ``(header, our metric or None, factor from our score
+    to the paper's unit)`` (None: a benchmark we do not compute, printed "not computed")."""
+
+    caption: str
+    columns: tuple[tuple[str, str | None, float], ...]
+    rows: dict[str, tuple[float, ...]]
+
+
+def _g2rpo_columns():
+    return tuple((METRIC_COLUMNS[m], m, REWARDS[m].paper_scale) for m in METRIC_COLUMNS)
+
+
+# Each base-model family names the paper that benchmarks it (``ModelFamily.paper_table``).
+PAPER_TABLES = {
+    # G²RPO's table: HPDv2's 400 test prompts, FLUX.1-dev (PickScore / 100 as the paper prints it).
+    "g2rpo": PaperTable("the G²RPO paper's table (HPDv2's test prompts, FLUX.1-dev; PickScore / 100 as the paper "
+                        "prints it)", _g2rpo_columns(), {
+                            "FLUX.1-dev": (0.305, 0.388, 0.226, 1.040, 3.621),
+                            "DanceGRPO (HPS)": (0.353, 0.375, 0.228, 1.233, 3.548),
+                            "MixGRPO (HPS)": (0.378, 0.358, 0.225, 1.266, 3.421),
+                            "G²RPO (HPS)": (0.385, 0.355, 0.229, 1.313, 3.487),
+                            "DanceGRPO (HPS + CLIP)": (0.331, 0.389, 0.227, 1.128, 3.569),
+                            "MixGRPO (HPS + CLIP)": (0.363, 0.399, 0.230, 1.436, 3.661),
+                            "G²RPO (HPS + CLIP)": (0.376, 0.406, 0.235, 1.483, 3.783)}),
+    # DenseGRPO's table: SD3.5-Medium, each column its own task's test set (PickScore as logit_scale·cos).
+    "densegrpo": PaperTable("the DenseGRPO paper's table (SD3.5-Medium; each column a model trained on that task)", (
+        ("GenEval", None, 1.0), ("OCR", None, 1.0), ("PickScore", "pickscore", 1.0)), {
+            "SD3.5-M": (0.63, 0.59, 21.72),
+            "Flow-GRPO": (0.95, 0.92, 23.31),
+            "DenseGRPO": (0.97, 0.95, 24.64)}),
 }
+PAPER_COLUMNS = tuple(c[0] for c in PAPER_TABLES["g2rpo"].columns)
+PAPER_ROWS = PAPER_TABLES["g2rpo"].rows
 
 
-def paper_comparison_markdown(rows: list[dict], label: str = "this evaluation") -> str:
-    """The paper's rows and ours below them, in the paper's columns and units (`RewardEntry.paper_scale`);
-    a metric we did not compute is "–"."""
+def paper_comparison_markdown(rows: list[dict], label: str = "this evaluation", table: str = "g2rpo") -> str:
+    """The paper's rows and ours below them, in the paper's columns and units; a metric we did not compute is "–",
+    a benchmark we cannot compute "not computed"."""
+    paper = PAPER_TABLES[table]
     ours = {}
     for row in rows:
         name = next(n for n, column in METRIC_COLUMNS.items() if column == row["metric"])
         if row["n"]:
-            ours[row["metric"]] = row["mean"] * REWARDS[name].paper_scale
-    lines = ["| | " + " | ".join(PAPER_COLUMNS) + " |", "|---|" + "---|" * len(PAPER_COLUMNS)]
-    lines += [f"| {method} (paper) | " + " | ".join(f"{v:.3f}" for v in values) + " |" for method, values in PAPER_ROWS.items()]
-    lines.append(f"| {label} | " + " | ".join(f"{ours[c]:.3f}" if c in ours else "–" for c in PAPER_COLUMNS) + " |")
+            ours[name] = row["mean"]
+    lines = ["| | " + " | ".join(c[0] for c in paper.columns) + " |", "|---|" + "---|" * len(paper.columns)]
+    lines += [f"| {method} (paper) | " + " | ".join(f"{v:.3f}" for v in values) + " |"
+              for method, values in paper.rows.items()]
+    cells = ["not computed" if metric is None else f"{ours[metric] * scale:.3f}" if metric in ours else "–"
+             for _, metric, scale in paper.columns]
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +209,7 @@ def prepare_out(args, prompts: list[str]) -> str | None:
 
     try:
         if not (args.base / "model_index.json").is_file():
-            raise FileNotFoundError(f"--base {args.base}: no model_index.json; expected a diffusers FLUX pipeline "
+            raise FileNotFoundError(f"--base {args.base}: no model_index.json; expected a diffusers pipeline "
                                     f"folder (e.g. ckpt/flux)")
         notes = [verify_export(folder) for folder in (args.transformer, args.lora) if folder is not None]
         note = "\n".join(notes) or None
@@ -223,10 +252,16 @@ def evaluate(argv=None) -> None:
     from g2rpo.config import ModelsConfig, load_config
     from g2rpo.data import read_prompt_file
     from g2rpo.distributed import barrier, init_distributed, print0
-    from g2rpo.models import load_flux_pipeline, resolve_dtype
-    from g2rpo.rewards import build_reward
+    from g2rpo.models import family_of, resolve_dtype
+    from g2rpo.reward_registry import build_reward
 
     args = parse_args(argv)
+    try:
+        family = family_of(args.base)
+    except (OSError, ValueError) as exc:
+        raise EvaluationError(f"--base {args.base}: {exc}") from None
+    if args.guidance is None:
+        args.guidance = family.default_guidance
     prompts = read_prompt_file(args.prompts)[: args.limit]
     models = load_config(ModelsConfig, args.models_config)
     missing = missing_inputs(args.metrics, models)
@@ -241,14 +276,14 @@ def evaluate(argv=None) -> None:
     print(f"rank {info.rank}: {len(mine)} prompts, {len(todo)} to generate", flush=True)
 
     if todo:
-        pipe = load_flux_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer,
-                                  lora_path=args.lora)
+        pipe = family.load_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer,
+                                    lora_path=args.lora)
         pipe = pipe.to(info.device)
         pipe.set_progress_bar_config(disable=True)
         for i in todo:
             generator = torch.Generator(info.device).manual_seed(args.seed + i)
             image = pipe(prompts[i], height=args.height, width=args.width, num_inference_steps=args.steps,
-                         guidance_scale=args.guidance, generator=generator).images[0]
+                         generator=generator, **family.pipeline_kwargs(args.guidance)).images[0]
             write_png(images_dir / f"{i:05d}.png", image)
         del pipe
 
@@ -270,8 +305,9 @@ def evaluate(argv=None) -> None:
                         key=lambda r: r["index"])
         atomic_write_text(args.out / "scores.jsonl", "".join(json.dumps(r) + "\n" for r in merged))
         rows = summarize(merged, args.metrics)
-        summary = (summary_markdown(rows) + "\nBeside the paper's table (HPDv2's test prompts, FLUX.1-dev; PickScore / 100 "
-                   "as the paper prints it):\n\n" + paper_comparison_markdown(rows, f"this evaluation ({args.out.name})"))
+        paper = PAPER_TABLES[family.paper_table]
+        summary = (summary_markdown(rows) + f"\nBeside {paper.caption}:\n\n"
+                   + paper_comparison_markdown(rows, f"this evaluation ({args.out.name})", family.paper_table))
         atomic_write_text(args.out / "summary.md", summary)
         atomic_write_text(args.out / "summary.csv", summary_csv(rows))
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -95,6 +95,25 @@ def write_fingerprint(folder: str | Path, fingerprint: dict) -> None:
     atomic_write_text(Path(folder) / FINGERPRINT, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
 
 
+MARKER = "COMMITTED"  # a checkpoint folder's manifest: written last, so a checkpoint with one is complete
+
+
+def export_manifest(folder: str | Path) -> dict | None:
+    """``{relative path: {size, sha256}}`` of an exported transformer as its checkpoint's ``COMMITTED``
+    records it (paths relative to ``folder``), or None when ``folder`` is not such an export."""
+    folder = Path(folder)
+    marker = folder.parent / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"{marker}: unreadable ({exc})") from None
+    prefix = f"{folder.name}/"
+    return {rel.removeprefix(prefix): entry for rel, entry in files.items() if rel.startswith(prefix)} or None
+
+
+
 def weights_identity(folder: str | Path) -> dict:
     """A cheap identity of a model folder, for fingerprints (no file is read through).
 
@@ -102,8 +121,6 @@ def weights_identity(folder: str | Path) -> dict:
     checkpoint's manifest; any other folder by the names, sizes and modification times of its
     weight and config files (so a copy without preserved times counts as a change).
     """
-    from g2rpo.checkpoint import export_manifest
-
     folder = Path(folder)
     manifest = export_manifest(folder)
     if manifest is not None:

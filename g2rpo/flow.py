@@ -1,17 +1,16 @@
-"""Pure sampler math for rectified-flow FLUX (docs/algorithm.md §1-3). No I/O, no global RNG.
+"""Pure sampler math for rectified-flow models (docs/algorithm.md §1-3). No I/O, no global RNG, no model.
 
 Conventions: ``x_σ = (1-σ)·x0 + σ·ε``, the model predicts ``v ≈ ε - x0``, so ``x̂0 = x - σ·v``.
-Latents are FLUX "packed" tensors ``[B, tokens, 64]`` (16 VAE channels × 2×2 patches), but the
-step functions work on any ``[B, ...]`` shape.
+The step functions work on latents of any shape ``[B, ...]`` (FLUX's packed tokens ``[B, L, 64]``, SD3's
+``[B, 16, H/8, W/8]``: g2rpo.models).
 
 | function | spec |
 |---|---|
-| `shift_time`, `sigma_schedule` | §1 grid: ``σ_i = shift(1 - i/T)``, ``shift(t) = k·t / (1 + (k-1)·t)`` |
+| `shift_time`, `sigma_schedule` | §1 grid: ``σ_i = shift(1 - i/T)``, ``shift(t) = k·t / (1 + (k-1)·t)``; or the diffusers scheduler's |
 | `quantize_timestep` | §1: ``t = floor(σ·1000)/1000`` as given to the transformer |
 | `sde_step` | §2: the flow-GRPO transition, its mean/std, sample and per-element-mean log-prob |
 | `noise_level` | the noise level ``s_i`` of a transition: Flow-GRPO's ``η·sqrt(σ/(1−σ))`` or DanceGRPO's constant ``η`` |
 | `granular_schedule`, `granular_indices` | §3.4: sub-grid ``σ_0..σ_{k+1}, σ_{k+2}, σ_{k+2+g}, …`` |
-| `pack_latents`, `unpack_latents`, `latent_image_ids` | FLUX's 2×2 patch packing and image position ids |
 """
 
 from __future__ import annotations
@@ -33,14 +32,33 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
-    """Noise levels ``σ_0 = 1 > σ_1 > … > σ_T = 0``, float32, shape ``[num_steps + 1]``."""
+GRIDS = ("uniform", "scheduler")
+
+
+def sigma_schedule(num_steps: int, shift: float, grid: str = "uniform") -> torch.Tensor:
+    """Noise levels ``σ_0 = 1 > σ_1 > … > σ_T = 0``, float32, shape ``[num_steps + 1]``.
+
+    * ``uniform`` -- ``σ_i = shift(1 − i/T)`` (G²RPO's and DanceGRPO's FLUX grid; FluxPipeline's at a fixed shift);
+    * ``scheduler`` -- diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(T)`` at a static shift, what
+      ``StableDiffusion3Pipeline`` and Flow-GRPO's SD3 trainer sample on: T points evenly spaced from 1 to the
+      scheduler's ``σ_min = shift(1/1000)``, shifted (again), then 0. At T = 10, shift 3: 1, 0.9601, …, 0.2780,
+      0.0089, 0.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps}: need at least one sampling step")
     if shift <= 0:
         raise ValueError(f"shift={shift}: must be > 0")
-    t = 1 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-    return shift_time(t, shift).to(torch.float32)
+    if grid == "uniform":
+        t = 1 - torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        return shift_time(t, shift).to(torch.float32)
+    if grid != "scheduler":
+        raise ValueError(f"grid={grid!r}: expected one of {', '.join(GRIDS)}")
+    import numpy as np  # the scheduler's own arithmetic: float64 numpy, float32 at the end
+
+    sigma_min = shift * 0.001 / (1 + (shift - 1) * 0.001)
+    sigmas = np.linspace(1000.0, sigma_min * 1000, num_steps) / 1000
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return torch.cat([torch.from_numpy(sigmas).to(torch.float32), torch.zeros(1)])
 
 
 def quantize_timestep(sigma: torch.Tensor | float) -> torch.Tensor:
@@ -208,36 +226,3 @@ def granular_indices(num_steps: int, branch_step: int, granularity: int) -> list
 def granular_schedule(sigmas: torch.Tensor, branch_step: int, granularity: int) -> torch.Tensor:
     """The σ values of `granular_indices` (§3.4)."""
     return sigmas[granular_indices(len(sigmas) - 1, branch_step, granularity)]
-
-
-# --------------------------------------------------------------------------------------------
-# FLUX latent layout
-# --------------------------------------------------------------------------------------------
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` VAE latents -> ``[B, (H/2)·(W/2), 4C]`` tokens of 2×2 patches (FLUX layout)."""
-    b, c, h, w = latents.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"latent height/width {h}x{w} must be even to pack 2x2 patches")
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of `pack_latents`; ``height``/``width`` are the *latent* (VAE) sizes."""
-    b, n, d = tokens.shape
-    if n != (height // 2) * (width // 2) or d % 4:
-        raise ValueError(f"tokens {tuple(tokens.shape)} do not fit latent size {height}x{width}")
-    x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, height, width)
-
-
-def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Position ids ``[(H/2)·(W/2), 3]`` = ``(0, row, col)`` of each packed token; sizes are latent sizes."""
-    rows = torch.arange(height // 2, device=device, dtype=dtype)
-    cols = torch.arange(width // 2, device=device, dtype=dtype)
-    ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
-    ids[..., 1] = rows[:, None]
-    ids[..., 2] = cols[None, :]
-    return ids.reshape(-1, 3)

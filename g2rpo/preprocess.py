@@ -1,13 +1,16 @@
-"""Encode a prompt file once with the FLUX pipeline's text encoders; training reads only the results.
+"""Encode a prompt file once with the base model's text encoders; training reads only the results.
 
-Only the text encoders and tokenizers are loaded (not the transformer or the VAE).
+Only the text encoders and tokenizers are loaded (not the transformer or the VAE); the pipeline folder's family
+(g2rpo.models) decides the encoders and the file layout.
 
     torchrun --nproc_per_node=8 -m g2rpo.preprocess --model ckpt/flux --prompts data/prompts.txt \
         --out data/rl_embeddings
     python -m g2rpo.preprocess --model ckpt/tiny/flux --prompts data/example_prompts.txt --out data/tiny_embeddings
 
-Writes ``<out>/embeddings/NNNNN.safetensors`` (``prompt_embeds [512, D]``, ``pooled_prompt_embeds [P]``,
-``text_ids [512, 3]``, caption in the metadata) and ``<out>/index.jsonl`` in prompt-file order.
+Writes ``<out>/embeddings/NNNNN.safetensors`` (FLUX: ``prompt_embeds [512, D]``, ``pooled_prompt_embeds [P]``,
+``text_ids [512, 3]``; SD3: ``prompt_embeds [77 + L, D]``, ``pooled_prompt_embeds [P]``; the caption in the
+metadata) and ``<out>/index.jsonl`` in prompt-file order; a family with classifier-free guidance also the empty
+prompt's as ``<out>/negative.safetensors``.
 Prompts are sharded across ranks (prompt i on rank i mod world). The prompt file is validated
 (empty, blank lines, non-UTF-8 are errors; duplicates are reported and kept), and every written
 embedding's shapes are checked.
@@ -18,8 +21,9 @@ before the first embedding. A run whose inputs match resumes: a prompt whose fil
 (and whose stored caption is that prompt) is skipped. A run whose inputs differ is refused, naming
 what changed; ``--overwrite`` deletes the old embeddings, index and fingerprint first.
 
-Prompts longer than CLIP's 77 tokens or T5's ``--max-sequence-length`` are truncated, as the
-reference pipeline does; one summary line per encoder reports how many and the longest.
+Prompts longer than CLIP's 77 tokens or T5's ``--max-sequence-length`` (default: the family's, FLUX 512, SD3 128
+as Flow-GRPO trains it) are truncated, as the reference pipeline does; one summary line per encoder reports how
+many and the longest.
 """
 
 from __future__ import annotations
@@ -34,23 +38,22 @@ from pathlib import Path
 
 import torch
 
-from g2rpo.data import read_prompt_file, validate_embedding, write_embedding
+from g2rpo.data import NEGATIVE, read_prompt_file, validate_embedding, write_embedding
 from g2rpo.fingerprint import FINGERPRINT, StaleOutputsError, check_reuse, read_fingerprint, sha256_file, \
     weights_identity, write_fingerprint
 from g2rpo.io import atomic_write_text
 
-# The pipeline subfolders that decide the embeddings (the transformer and the VAE do not).
-TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 INDEX = "index.jsonl"
 EMBEDDINGS = "embeddings"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, default=Path("ckpt/flux"), help="diffusers FLUX pipeline folder")
+    p.add_argument("--model", type=Path, default=Path("ckpt/flux"), help="diffusers pipeline folder (FLUX, SD3)")
     p.add_argument("--prompts", type=Path, required=True, help="UTF-8 prompt file, one per line")
     p.add_argument("--out", type=Path, required=True, help="output folder (embeddings/ and index.jsonl)")
-    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (FLUX.1-dev: 512)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 tokens (default: the family's; FLUX.1-dev 512, SD3 128)")
     p.add_argument("--dtype", default="bfloat16", help="text-encoder and stored dtype: float32 | bfloat16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -72,12 +75,20 @@ def duplicate_report(prompts: list[str]) -> dict[str, list[int]]:
 # --------------------------------------------------------------------------------------------
 
 
-def expected_fingerprint(model: Path, prompt_file: Path, max_sequence_length: int, dtype: torch.dtype) -> dict:
-    """The inputs that decide the embeddings: prompt bytes, text encoders and tokenizers, length, dtype."""
-    return {"prompt_file": {"sha256": sha256_file(prompt_file)},
-            "text_encoders": {part: weights_identity(model / part) for part in TEXT_PARTS},
-            "max_sequence_length": max_sequence_length,
-            "dtype": str(dtype).removeprefix("torch.")}
+def expected_fingerprint(model: Path, prompt_file: Path, max_sequence_length: int, dtype: torch.dtype,
+                         family=None) -> dict:
+    """The inputs that decide the embeddings: prompt bytes, text encoders and tokenizers (the family's
+    ``text_parts``), length, dtype, and -- for every family but FLUX, whose folders predate the field -- the family."""
+    from g2rpo.models import family_of
+
+    family = family or family_of(model)
+    identity = {"prompt_file": {"sha256": sha256_file(prompt_file)},
+                "text_encoders": {part: weights_identity(model / part) for part in family.text_parts},
+                "max_sequence_length": max_sequence_length,
+                "dtype": str(dtype).removeprefix("torch.")}
+    if family.kind != "flux":
+        identity["family"] = family.kind
+    return identity
 
 
 def outputs_present(out: Path) -> bool:
@@ -91,7 +102,7 @@ def remove_outputs(out: Path) -> list[str]:
     if (out / EMBEDDINGS).exists():
         shutil.rmtree(out / EMBEDDINGS)
         removed.append(f"{EMBEDDINGS}/")
-    for name in (INDEX, FINGERPRINT):
+    for name in (INDEX, FINGERPRINT, NEGATIVE):
         if (out / name).is_file():
             (out / name).unlink()
             removed.append(name)
@@ -124,7 +135,8 @@ def agree_on_output_folder(args, dtype: torch.dtype, is_main: bool) -> None:
     from g2rpo.distributed import agreed, print0
 
     note = agreed(lambda: claim_output_folder(args.out, expected_fingerprint(args.model, args.prompts,
-                                                                            args.max_sequence_length, dtype),
+                                                                            args.max_sequence_length, dtype,
+                                                                            args.family),
                                               args.overwrite) if is_main else "")
     if note:
         print0(note)
@@ -173,11 +185,11 @@ def overlong(counts: list[int], lines: list[int], limit: int) -> dict:
     return {"limit": limit, "count": len(over), "longest": list(longest) if longest else None}
 
 
-def truncation_stats(pipe, prompts: list[str], indices: list[int], max_sequence_length: int) -> dict:
-    """Per encoder (CLIP, T5), the prompts among ``indices`` that it truncates."""
+def truncation_stats(pipe, prompts: list[str], indices: list[int], max_sequence_length: int, family) -> dict:
+    """Per encoder of the family (FLUX: CLIP, T5), the prompts among ``indices`` that it truncates."""
     texts, lines = [prompts[i] for i in indices], [i + 1 for i in indices]
-    return {"CLIP": overlong(token_counts(pipe.tokenizer, texts), lines, pipe.tokenizer_max_length),
-            "T5": overlong(token_counts(pipe.tokenizer_2, texts), lines, max_sequence_length)}
+    return {name: overlong(token_counts(tokenizer, texts), lines, limit or max_sequence_length)
+            for name, (tokenizer, limit) in family.token_counters(pipe).items()}
 
 
 def merge_truncation_stats(parts: list[dict]) -> dict:
@@ -194,7 +206,7 @@ def merge_truncation_stats(parts: list[dict]) -> dict:
     return merged
 
 
-def truncation_report(merged: dict, prompt_file: Path) -> list[str]:
+def truncation_report(merged: dict, prompt_file: Path, title: str) -> list[str]:
     """One warning line per encoder that truncates any prompt."""
     lines = []
     for encoder, stats in merged.items():
@@ -202,7 +214,7 @@ def truncation_report(merged: dict, prompt_file: Path) -> list[str]:
             tokens, line = stats["longest"]
             lines.append(f"warning: {prompt_file}: {stats['count']} prompt(s) longer than {encoder}'s {stats['limit']} "
                          f"tokens (longest: line {line}, {tokens} tokens); they are truncated to {stats['limit']} "
-                         f"tokens, as the reference FLUX pipeline does")
+                         f"tokens, as the reference {title} pipeline does")
     return lines
 
 
@@ -227,19 +239,26 @@ def library_truncation_warnings_silenced(pipe):
 
 def encode(pipe, prompts: list[str], todo: list[int], folder: Path, args, device) -> None:
     """Encode the prompts ``todo`` in batches and write each one's checked embedding file."""
+    family = args.family
     with torch.no_grad(), library_truncation_warnings_silenced(pipe):
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            embeds, pooled, text_ids = pipe.encode_prompt([prompts[i] for i in batch], None, device=device,
-                                                          max_sequence_length=args.max_sequence_length)
-            for row, i in enumerate(batch):
-                tensors = {"prompt_embeds": embeds[row].cpu(), "pooled_prompt_embeds": pooled[row].cpu(),
-                           "text_ids": text_ids.cpu()}
-                validate_embedding(tensors, f"prompt {i + 1} of {args.prompts}")
-                if tensors["prompt_embeds"].shape[0] != args.max_sequence_length:
-                    raise ValueError(f"prompt {i + 1}: expected {args.max_sequence_length} T5 positions, got "
+            encoded = family.encode(pipe, [prompts[i] for i in batch], device, args.max_sequence_length)
+            for tensors, i in zip(encoded, batch):
+                validate_embedding(tensors, f"prompt {i + 1} of {args.prompts}", family=family)
+                positions = family.sequence_length(args.max_sequence_length)
+                if tensors["prompt_embeds"].shape[0] != positions:
+                    raise ValueError(f"prompt {i + 1}: expected {positions} text positions, got "
                                      f"{tensors['prompt_embeds'].shape[0]}")
                 write_embedding(folder / f"{i:05d}.safetensors", caption=prompts[i], **tensors)
+
+
+def write_negative(pipe, out: Path, args, device) -> None:
+    """The empty prompt's conditioning (``negative.safetensors``), for a family with classifier-free guidance."""
+    with torch.no_grad():
+        tensors = args.family.encode(pipe, [""], device, args.max_sequence_length)[0]
+    validate_embedding(tensors, "the empty (negative) prompt", family=args.family)
+    write_embedding(out / NEGATIVE, caption="", **tensors)
 
 
 def run(argv=None) -> dict:
@@ -248,13 +267,16 @@ def run(argv=None) -> dict:
     Returns ``{"prompts": N, "encoded": this rank's newly encoded prompts, "reused": its kept files}``.
     """
     from g2rpo.distributed import all_gather_object, barrier, init_distributed, print0
-    from g2rpo.models import load_text_encoders, resolve_dtype
+    from g2rpo.models import family_of, resolve_dtype
 
     args = parse_args(argv)
     prompts = read_prompt_file(args.prompts)
     if not (args.model / "model_index.json").is_file():
-        raise FileNotFoundError(f"FLUX pipeline not found: {args.model / 'model_index.json'} is missing "
-                                f"(--model must be a diffusers FluxPipeline folder)")
+        raise FileNotFoundError(f"pipeline not found: {args.model / 'model_index.json'} is missing "
+                                f"(--model must be a diffusers pipeline folder, e.g. ckpt/flux)")
+    args.family = family_of(args.model)
+    if args.max_sequence_length is None:
+        args.max_sequence_length = args.family.max_sequence_length
     for prompt, numbers in duplicate_report(prompts).items():
         print0(f"warning: {args.prompts}: lines {numbers} repeat the prompt {prompt[:60]!r} (kept)")
     info = init_distributed(args.device)
@@ -269,12 +291,15 @@ def run(argv=None) -> dict:
     counts = all_gather_object((len(todo), len(mine)))
     print0(f"{len(prompts)} prompts, {info.world_size} rank(s): " + ", ".join(
         f"rank {r} encodes {todo_r} of its {mine_r}" for r, (todo_r, mine_r) in enumerate(counts)))
-    pipe = load_text_encoders(args.model, dtype).to(info.device) if todo else None
-    stats = truncation_stats(pipe, prompts, todo, args.max_sequence_length) if pipe is not None else {}
-    for line in truncation_report(merge_truncation_stats(all_gather_object(stats)), args.prompts):
+    negative = args.family.negative and info.is_main and not (args.out / NEGATIVE).is_file()
+    pipe = args.family.load_text_encoders(args.model, dtype).to(info.device) if todo or negative else None
+    stats = truncation_stats(pipe, prompts, todo, args.max_sequence_length, args.family) if todo else {}
+    for line in truncation_report(merge_truncation_stats(all_gather_object(stats)), args.prompts, args.family.title):
         print0(line)
     if todo:
         encode(pipe, prompts, todo, folder, args, info.device)
+    if negative:
+        write_negative(pipe, args.out, args, info.device)
     barrier()
     if info.is_main:
         lines = [json.dumps({"index": i, "caption": p, "file": f"{EMBEDDINGS}/{i:05d}.safetensors"})

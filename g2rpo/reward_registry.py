@@ -4,13 +4,14 @@
 |---|---|---|---|---|
 | ``hps`` | HPS-v2.1 | yes | ``hps_reward.txt`` | ``models.hps`` |
 | ``clip_score`` | CLIP Score | yes | ``clip_reward.txt`` | ``models.clip_score`` |
-| ``pickscore`` | PickScore | no (evaluation only: PIL preprocessing per image) | ``pickscore_reward.txt`` | ``models.pickscore`` |
+| ``pickscore`` | PickScore | yes (trained as Flow-GRPO trains it: its score / 26, from uint8 PIL images) | ``pickscore_reward.txt`` | ``models.pickscore`` |
 | ``imagereward`` | ImageReward | no (evaluation only) | ``imagereward_reward.txt`` | ``models.imagereward`` |
 | ``unifiedreward`` | UnifiedReward | no (evaluation only: a VLM judge that writes its score) | ``unifiedreward_reward.txt`` | ``models.unifiedreward`` |
 
-A reward is anything with ``score(images [B, 3, H, W] in [0, 1], prompts) -> Tensor[B]`` (`Reward`). To add one:
-a loader in g2rpo.rewards, its paths in ``ModelsConfig``, and a row here. This module imports no model
-library, so the config can check names without loading torch.
+A reward is anything with ``score(images [B, 3, H, W] in [0, 1], prompts) -> Tensor[B]`` (`Reward`); `build_reward`
+builds one by name. To add one: a loader in g2rpo.rewards, its paths in ``ModelsConfig``, and a row here. This
+module imports no model library (the loaders import theirs when called), so the config can check names without
+loading torch.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class RewardEntry:
     """its weight in the MGAI / advantage sum when a config names it without one."""
     paper_scale: float = 1.0
     """factor from our score to the G²RPO paper's table units (PickScore: the paper prints logit_scale·cos / 100)."""
+    train_scale: float = 1.0
+    """factor from our score to the reward a training run optimises and logs (PickScore: / 26, Flow-GRPO's)."""
 
 
 def _hps(models, device):
@@ -85,8 +88,8 @@ REWARDS: dict[str, RewardEntry] = {entry.name: entry for entry in (
                 inputs=lambda m: {"models.hps.checkpoint": m.hps.checkpoint}),
     RewardEntry("clip_score", "CLIP Score", trains=True, log_file="clip_reward.txt", build=_clip_score,
                 inputs=lambda m: {"models.clip_score.path": m.clip_score.path}),
-    RewardEntry("pickscore", "PickScore", trains=False, log_file="pickscore_reward.txt", build=_pickscore,
-                paper_scale=0.01, inputs=lambda m: {"models.pickscore.model": m.pickscore.model,
+    RewardEntry("pickscore", "PickScore", trains=True, log_file="pickscore_reward.txt", build=_pickscore,
+                paper_scale=0.01, train_scale=1 / 26, inputs=lambda m: {"models.pickscore.model": m.pickscore.model,
                                                     "models.pickscore.processor": m.pickscore.processor}),
     RewardEntry("imagereward", "ImageReward", trains=False, log_file="imagereward_reward.txt", build=_imagereward,
                 inputs=lambda m: {"models.imagereward.checkpoint": m.imagereward.checkpoint,
@@ -114,6 +117,11 @@ def missing_inputs(names, models) -> list[str]:
 
     return [f"{field}={path} (the {REWARDS[name].column} model)" for name in names
             for field, path in REWARDS[name].inputs(models).items() if not Path(path).exists()]
+
+
+def build_reward(name: str, models, device="cpu") -> Reward:
+    """The reward ``name`` (`REWARDS`), built from ``models`` (a `ModelsConfig`) on ``device``."""
+    return reward_entry(name).build(models, device)
 
 
 def training_rewards() -> list[str]:

@@ -232,10 +232,11 @@ class OpenClipReward:
 
 
 class PickScoreReward:
-    """PickScore (evaluation only): ``logit_scale.exp() · cos(image, text)`` of a transformers CLIPModel.
+    """PickScore: ``logit_scale.exp() · cos(image, text)`` of a transformers CLIPModel.
 
-    Images go through the model's own ``CLIPProcessor`` (PIL, in memory): this metric is never on
-    the training path, so it is computed exactly as its authors do. Typical values are ~20-23.
+    Images go through the model's own ``CLIPProcessor`` (uint8 PIL images, in memory), exactly as its authors and
+    Flow-GRPO's trainer score them. Typical values are ~20-23; a training run optimises (and logs) the score / 26,
+    as Flow-GRPO does (``train_scale`` in g2rpo.reward_registry).
     """
 
     def __init__(self, model_dir: str | Path, processor_dir: str | Path, device: str | torch.device = "cpu",
@@ -271,11 +272,3 @@ class PickScoreReward:
 def _features(output) -> torch.Tensor:
     """transformers 5 returns a model output from get_*_features; older versions a tensor."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def build_reward(name: str, models, device: str | torch.device = "cpu"):
-    """Reward model by name (g2rpo.reward_registry.REWARDS); ``models`` is a `ModelsConfig`. All have
-    ``score(images, prompts)``."""
-    from g2rpo.reward_registry import reward_entry
-
-    return reward_entry(name).build(models, device)

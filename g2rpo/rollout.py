@@ -31,93 +31,49 @@ from typing import NamedTuple
 import torch
 
 from g2rpo.config import SamplingConfig
-from g2rpo.flow import (gaussian_log_prob, granular_indices, latent_image_ids, ode_step, pack_latents,
-                        quantize_timestep, sde_step, sde_step_stats, sigma_schedule)
-
-
-@dataclass
-class PromptEmbedding:
-    """One prompt's precomputed FLUX text conditioning."""
-
-    prompt_embeds: torch.Tensor  # [S, D] T5 sequence (S = 512 for FLUX.1-dev)
-    pooled_prompt_embeds: torch.Tensor  # [P] pooled CLIP embedding
-    text_ids: torch.Tensor  # [S, 3]
-
-    @classmethod
-    def from_batched(cls, prompt_embeds, pooled_prompt_embeds, text_ids):
-        """Accept the pipeline's batched shapes ``[1, S, D]``, ``[1, P]`` as well."""
-        if prompt_embeds.dim() == 3 and prompt_embeds.shape[0] == 1:
-            prompt_embeds = prompt_embeds[0]
-        if pooled_prompt_embeds.dim() == 2 and pooled_prompt_embeds.shape[0] == 1:
-            pooled_prompt_embeds = pooled_prompt_embeds[0]
-        return cls(prompt_embeds, pooled_prompt_embeds, text_ids)
-
-    def to(self, device) -> "PromptEmbedding":
-        return PromptEmbedding(self.prompt_embeds.to(device), self.pooled_prompt_embeds.to(device),
-                               self.text_ids.to(device))
-
-    def validate(self, policy=None) -> None:
-        s = self.prompt_embeds.shape
-        if self.prompt_embeds.dim() != 2:
-            raise ValueError(f"prompt_embeds must be [seq, dim], got {tuple(s)}")
-        if self.pooled_prompt_embeds.dim() != 1:
-            raise ValueError(f"pooled_prompt_embeds must be [dim], got {tuple(self.pooled_prompt_embeds.shape)}")
-        if self.text_ids.shape != (s[0], 3):
-            raise ValueError(f"text_ids must be [{s[0]}, 3] to match prompt_embeds {tuple(s)}, "
-                             f"got {tuple(self.text_ids.shape)}")
-        config = getattr(policy, "config", None)
-        if config is not None:
-            if "joint_attention_dim" in config and s[1] != config["joint_attention_dim"]:
-                raise ValueError(f"prompt_embeds dim {s[1]} != transformer joint_attention_dim "
-                                 f"{config['joint_attention_dim']}")
-            pooled = self.pooled_prompt_embeds.shape[0]
-            if "pooled_projection_dim" in config and pooled != config["pooled_projection_dim"]:
-                raise ValueError(f"pooled_prompt_embeds dim {pooled} != transformer pooled_projection_dim "
-                                 f"{config['pooled_projection_dim']}")
+from g2rpo.flow import gaussian_log_prob, granular_indices, ode_step, quantize_timestep, sde_step, sde_step_stats, \
+    sigma_schedule
+from g2rpo.models.base import Conditioning
 
 
 class VelocityField:
-    """Evaluates a FLUX-transformer-like policy on packed latents at one σ, counting the cost.
+    """Evaluates a policy (a transformer of the conditioning's model family) on latents at one σ, counting the cost.
 
-    ``policy`` is any callable with ``FluxTransformer2DModel.forward``'s keyword signature. Text
-    conditioning is broadcast to the batch; batches larger than ``micro_batch`` are split.
-    The velocity comes back in float32.
+    The family (``embedding.family``: g2rpo.models.base) makes the forward: text conditioning broadcast to the
+    batch, classifier-free guidance where it has it. Batches larger than ``micro_batch`` are split. ``size``: the
+    image's ``(height, width)`` in pixels. The velocity comes back in float32.
     """
 
-    def __init__(self, policy, embedding: PromptEmbedding, image_ids: torch.Tensor, guidance: float,
+    def __init__(self, policy, embedding: Conditioning, size: tuple[int, int], guidance: float,
                  micro_batch: int = 0, compute_dtype: torch.dtype | None = None, quantize: bool = True):
         self.quantize = quantize  # the timestep input floor(σ·1000)/1000 (the reference) or σ itself (Flow-GRPO)
         self.policy = policy
         self.embedding = embedding
-        self.image_ids = image_ids
+        self.family = embedding.family
+        self.size = tuple(size)
         self.guidance = guidance
         self.micro_batch = micro_batch
         self.compute_dtype = compute_dtype
         self.calls = 0
         self.sample_forwards = 0
+        self._inputs: dict = {}
 
     @classmethod
-    def for_sampling(cls, policy, embedding: PromptEmbedding, cfg: SamplingConfig, device, micro_batch: int = 0,
+    def for_sampling(cls, policy, embedding: Conditioning, cfg: SamplingConfig, device=None, micro_batch: int = 0,
                      compute_dtype: torch.dtype | None = None) -> "VelocityField":
-        """The field at ``cfg``'s resolution and guidance (image position ids built for it)."""
-        h, w = latent_size(cfg.height, cfg.width)
-        return cls(policy, embedding, latent_image_ids(h, w, device=device), cfg.guidance, micro_batch, compute_dtype,
+        """The field at ``cfg``'s resolution, guidance and timestep input."""
+        return cls(policy, embedding, (cfg.height, cfg.width), cfg.guidance, micro_batch, compute_dtype,
                    quantize=cfg.timestep == "quantized")
 
     def _forward(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = latents.shape[0]
         dtype = self.compute_dtype or latents.dtype
-        embed = self.embedding
-        out = self.policy(
-            hidden_states=latents.to(dtype),
-            encoder_hidden_states=embed.prompt_embeds.to(dtype).expand(b, -1, -1),
-            pooled_projections=embed.pooled_prompt_embeds.to(dtype).expand(b, -1),
-            timestep=(quantize_timestep(sigma) if self.quantize else sigma.float()).to(latents.device, dtype).expand(b),
-            img_ids=self.image_ids,
-            txt_ids=embed.text_ids,
-            guidance=torch.full((b,), self.guidance, device=latents.device, dtype=dtype),
-            return_dict=False,
-        )[0]
+        key = str(latents.device)
+        if key not in self._inputs:  # made once per device (FLUX: the image position ids)
+            self._inputs[key] = self.family.sampling_inputs(*self.size, latents.device)
+        timestep = quantize_timestep(sigma) if self.quantize else sigma.float()
+        out = self.family.velocity(self.policy, self.embedding, latents, timestep, self.guidance, dtype,
+                                   self._inputs[key])
         self.calls += 1
         self.sample_forwards += b
         return out.float()
@@ -137,27 +93,22 @@ class RolloutResult:
     sigmas: torch.Tensor  # [T+1]
     branch_steps: list[int]  # K
     granularities: list[int]  # G
-    anchor_latents: torch.Tensor  # [T+1, L, C]: a_0 (the shared start noise) .. a_T
-    next_latents: torch.Tensor  # [N, K, L, C]: the sampled x^{(n)}_{k+1}
+    anchor_latents: torch.Tensor  # [T+1, *latent]: a_0 (the shared start noise) .. a_T (FLUX: latent = [L, C])
+    next_latents: torch.Tensor  # [N, K, *latent]: the sampled x^{(n)}_{k+1}
     old_log_probs: torch.Tensor  # [N, K]
-    completions: torch.Tensor  # [N, K, G, L, C]: x̂0 of each (generation, branch step, granularity)
+    completions: torch.Tensor  # [N, K, G, *latent]: x̂0 of each (generation, branch step, granularity)
     num_calls: int
     num_sample_forwards: int
 
     @property
     def branch_latents(self) -> torch.Tensor:
-        """``[K, L, C]``: the latent ``a_k`` every generation branches from at step k."""
+        """``[K, *latent]``: the latent ``a_k`` every generation branches from at step k."""
         return self.anchor_latents[self.branch_steps]
 
     @property
     def anchor_final(self) -> torch.Tensor:
-        """``[L, C]``: the anchor's final latent (its image is the step's "eval reward")."""
+        """``[*latent]``: the anchor's final latent (its image is the step's "eval reward")."""
         return self.anchor_latents[-1]
-
-
-def latent_size(height: int, width: int) -> tuple[int, int]:
-    """VAE latent height/width of an image (FLUX's VAE downsamples by 8)."""
-    return height // 8, width // 8
 
 
 def complete_granular(velocity: VelocityField, x: torch.Tensor, sigmas: torch.Tensor, branch_step: int,
@@ -203,7 +154,7 @@ def _complete_one(velocity: VelocityField, x: torch.Tensor, sigmas: torch.Tensor
 
 
 def anchor_trajectory(velocity: VelocityField, start: torch.Tensor, sigmas: torch.Tensor, keep=()):
-    """Deterministic Euler ODE trajectory ``[a_0 = start, ..., a_T]`` of one latent ``[L, C]``.
+    """Deterministic Euler ODE trajectory ``[a_0 = start, ..., a_T]`` of one latent ``[*latent]``.
 
     Returns the list of latents and ``{i: v_i}`` for the indices in ``keep`` (the branching steps).
     """
@@ -216,56 +167,54 @@ def anchor_trajectory(velocity: VelocityField, start: torch.Tensor, sigmas: torc
     return anchors, velocities
 
 
-def packed_channels(policy) -> int:
-    """Features per packed latent token: the transformer's ``in_channels`` (64 for FLUX)."""
+def policy_config(policy) -> dict:
+    """The policy's transformer config (a plain dict; empty for a policy without one)."""
     config = getattr(policy, "config", None)
-    return config["in_channels"] if config is not None and "in_channels" in config else 64
+    return dict(config) if config is not None else {}
 
 
-def start_noise(generator: torch.Generator, channels: int, height: int, width: int) -> torch.Tensor:
-    """One start latent ``[1, L, C]``, drawn in the unpacked ``[1, C/4, H/8, W/8]`` layout as FluxPipeline does."""
-    h, w = latent_size(height, width)
-    return pack_latents(torch.randn((1, channels // 4, h, w), generator=generator, dtype=torch.float32))
+def start_noise(embedding: Conditioning, policy, generator: torch.Generator, height: int, width: int) -> torch.Tensor:
+    """One start latent ``[1, *latent]``, drawn as the conditioning family's own pipeline draws it."""
+    return embedding.family.start_noise(generator, policy_config(policy), height, width)
 
 
 @torch.no_grad()
-def ode_sample(policy, embedding: PromptEmbedding, cfg: SamplingConfig, generator: torch.Generator,
+def ode_sample(policy, embedding: Conditioning, cfg: SamplingConfig, generator: torch.Generator,
                device: torch.device | str | None = None) -> torch.Tensor:
-    """The anchor's final latent ``[L, C]`` alone: deterministic sampling, for evaluation."""
-    device = torch.device(device) if device is not None else embedding.prompt_embeds.device
+    """The anchor's final latent ``[*latent]`` alone: deterministic sampling, for evaluation."""
+    device = torch.device(device) if device is not None else embedding.device
     velocity = VelocityField.for_sampling(policy, embedding, cfg, device)
-    start = start_noise(generator, packed_channels(policy), cfg.height, cfg.width).to(device)
-    return anchor_trajectory(velocity, start[0], sigma_schedule(cfg.num_steps, cfg.shift).to(device))[0][-1]
+    start = start_noise(embedding, policy, generator, cfg.height, cfg.width).to(device)
+    return anchor_trajectory(velocity, start[0], sigma_schedule(cfg.num_steps, cfg.shift, cfg.grid).to(device))[0][-1]
 
 
 @torch.no_grad()
-def singular_sde_rollout(policy, embedding: PromptEmbedding, cfg: SamplingConfig, generator: torch.Generator,
+def singular_sde_rollout(policy, embedding: Conditioning, cfg: SamplingConfig, generator: torch.Generator,
                          compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None
                          ) -> RolloutResult:
     """Roll out one prompt group (``cfg.group_size`` generations) as §3 describes."""
-    device = torch.device(device) if device is not None else embedding.prompt_embeds.device
+    device = torch.device(device) if device is not None else embedding.device
     embedding.validate(policy)
-    channels = packed_channels(policy)
     n, ks, gs = cfg.group_size, list(cfg.branch_steps), list(cfg.granularities)
-    sigmas = sigma_schedule(cfg.num_steps, cfg.shift).to(device)
+    sigmas = sigma_schedule(cfg.num_steps, cfg.shift, cfg.grid).to(device)
 
     # All randomness up front, in a fixed order: the shared start noise, then one ξ per (k, n).
-    start = start_noise(generator, channels, cfg.height, cfg.width).to(device)
-    tokens = start.shape[1]
-    branch_noise = torch.randn((len(ks), n, tokens, channels), generator=generator, dtype=torch.float32)
+    start = start_noise(embedding, policy, generator, cfg.height, cfg.width).to(device)
+    shape = tuple(start.shape[1:])
+    branch_noise = torch.randn((len(ks), n, *shape), generator=generator, dtype=torch.float32)
     branch_noise = branch_noise.to(device)
 
     velocity = VelocityField.for_sampling(policy, embedding, cfg, device, cfg.micro_batch, compute_dtype)
 
     anchors, anchor_velocity = anchor_trajectory(velocity, start[0], sigmas, keep=ks)
 
-    next_latents = torch.empty((n, len(ks), tokens, channels), device=device)
+    next_latents = torch.empty((n, len(ks), *shape), device=device)
     old_log_probs = torch.empty((n, len(ks)), device=device)
-    completions = torch.empty((n, len(ks), len(gs), tokens, channels), device=device)
+    completions = torch.empty((n, len(ks), len(gs), *shape), device=device)
     for ki, k in enumerate(ks):
         a_k = anchors[k]
         if cfg.order == "shared":
-            x, _, log_prob = sde_step(anchor_velocity[k].expand(n, -1, -1), a_k.expand(n, -1, -1), sigmas, k,
+            x, _, log_prob = sde_step(anchor_velocity[k].expand(n, *shape), a_k.expand(n, *shape), sigmas, k,
                                       cfg.eta, noise=branch_noise[ki])
             next_latents[:, ki], old_log_probs[:, ki] = x, log_prob
             completions[:, ki] = complete_granular(velocity, x, sigmas, k, gs)
@@ -295,7 +244,7 @@ class Transition(NamedTuple):
     dt: torch.Tensor | None = None
 
 
-def policy_transition(policy, embedding: PromptEmbedding, rollout: RolloutResult, branch_index: int,
+def policy_transition(policy, embedding: Conditioning, rollout: RolloutResult, branch_index: int,
                       cfg: SamplingConfig, compute_dtype: torch.dtype | None = None) -> Transition:
     """The branch step ``k = branch_steps[branch_index]`` under ``policy`` (§5), with gradients: the new
     log-probs ``[N]`` of the stored ``x^{(n)}_{k+1}``, and the step's mean ``[1, ...]`` and std.
@@ -312,7 +261,7 @@ def policy_transition(policy, embedding: PromptEmbedding, rollout: RolloutResult
                       rollout.sigmas[k + 1] - rollout.sigmas[k])
 
 
-def policy_log_probs(policy, embedding: PromptEmbedding, rollout: RolloutResult, branch_index: int,
+def policy_log_probs(policy, embedding: Conditioning, rollout: RolloutResult, branch_index: int,
                      cfg: SamplingConfig, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``new_log_prob [N]`` of `policy_transition`."""
     return policy_transition(policy, embedding, rollout, branch_index, cfg, compute_dtype).log_probs

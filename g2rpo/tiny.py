@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised stand-ins for FLUX.1-dev and the reward models, built offline.
+"""Tiny, randomly initialised stand-ins for FLUX.1-dev, SD3.5-Medium and the reward models, built offline.
 
 Every test and the CPU demo run on these. `prepare_reduced_flux` builds a second stand-in at FLUX.1-dev's
 true widths (d = 3072, T5 width 4096, CLIP width 768, the real VAE) with only 1-2 blocks of each kind,
@@ -165,7 +165,6 @@ def build_tiny_flux_pipeline(prompts: list[str], seed: int = 0, transformer_conf
     ``pooled_projection_dim`` for CLIP, ``joint_attention_dim`` for T5).
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from g2rpo.models import default_dtype
 
@@ -195,11 +194,15 @@ def build_tiny_flux_pipeline(prompts: list[str], seed: int = 0, transformer_conf
     )
 
 
-def _tiny_clip_text(tokenizer, width: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_clip_text(tokenizer, width: int, projection: bool = False):
+    """A 2-layer CLIP text encoder of hidden size ``width`` (FLUX's); ``projection``: with its text projection to
+    ``width`` (SD3's ``CLIPTextModelWithProjection``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(
+    extra = {"projection_dim": width} if projection else {}
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(
         CLIPTextConfig(
+            **extra,
             vocab_size=len(tokenizer),
             hidden_size=width,
             intermediate_size=64,
@@ -235,6 +238,64 @@ def _tiny_t5(tokenizer, width: int):
     )
 
 
+# --------------------------------------------------------------------------------------------
+# SD3 pipeline
+# --------------------------------------------------------------------------------------------
+
+# stabilityai/stable-diffusion-3.5-medium: the scheduler's static shift, the VAE's latent normalisation and the
+# transformer's config (2.5 B parameters; dual attention in the first 13 blocks, RMS q/k norms).
+SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+SD3_VAE_SCALING_FACTOR = 1.5305
+SD3_VAE_SHIFT_FACTOR = 0.0609
+SD35M_TRANSFORMER_CONFIG = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                                attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                                dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+
+TINY_SD3_TRANSFORMER_CONFIG = dict(
+    sample_size=8, patch_size=2, in_channels=16, out_channels=16,  # 16 VAE channels, 2x2 patches inside the model
+    num_layers=2, attention_head_dim=8, num_attention_heads=4,
+    joint_attention_dim=64,  # = T5 d_model (the CLIP sequences are zero-padded to it)
+    caption_projection_dim=32,
+    pooled_projection_dim=64,  # = CLIP-L projection + CLIP-G projection
+    pos_embed_max_size=16,  # images up to 256 px
+    dual_attention_layers=(0,),  # SD3.5's MMDiT-X block in the first layer, as SD3.5-Medium's first 13
+    qk_norm="rms_norm",
+)
+TINY_SD3_VAE_CONFIG = dict(TINY_VAE_CONFIG, scaling_factor=SD3_VAE_SCALING_FACTOR, shift_factor=SD3_VAE_SHIFT_FACTOR)
+
+
+def build_tiny_sd3_pipeline(prompts: list[str], seed: int = 0, transformer_config: dict = TINY_SD3_TRANSFORMER_CONFIG,
+                            dtype: torch.dtype = torch.float32):
+    """Assemble a complete ``StableDiffusion3Pipeline`` of random tiny models: CLIP-L and CLIP-G text encoders with
+    projections (``CLIPTextModelWithProjection``, each half of ``pooled_projection_dim``), a T5 encoder at
+    ``joint_attention_dim``, the VAE with SD3's latent normalisation, SD3.5-Medium's scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from g2rpo.models import default_dtype
+
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer()
+    tokenizer_3, _ = build_t5_tokenizer(prompts, seed)
+    half = transformer_config["pooled_projection_dim"] // 2
+    with default_dtype(dtype):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(**transformer_config)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**TINY_SD3_VAE_CONFIG)
+        torch.manual_seed(seed + 2)
+        text_encoder = _tiny_clip_text(tokenizer, half, projection=True)
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = _tiny_clip_text(tokenizer_2, half, projection=True)
+        torch.manual_seed(seed + 4)
+        text_encoder_3 = _tiny_t5(tokenizer_3, transformer_config["joint_attention_dim"])
+    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
+        module.eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+
+
 def reduced_flux_config(double_blocks: int = 1, single_blocks: int = 1) -> dict:
     """FLUX.1-dev's transformer config with only ``double_blocks`` + ``single_blocks`` blocks (19 + 38 in the real one)."""
     return dict(FLUX_DEV_TRANSFORMER_CONFIG, num_layers=double_blocks, num_single_layers=single_blocks)
@@ -251,7 +312,7 @@ def prepare_reduced_flux(out_dir: str | Path, prompts: list[str], double_blocks:
     if force or not out_dir.exists():
         pipeline = build_tiny_flux_pipeline(prompts, seed, reduced_flux_config(double_blocks, single_blocks),
                                             FLUX_DEV_VAE_CONFIG, dtype=torch.bfloat16)
-        _write_pipeline(pipeline, out_dir)
+        write_pipeline(pipeline, out_dir)
     return out_dir
 
 
@@ -457,7 +518,8 @@ def write_unified_reward_folder(directory: Path, prompts: list[str], seed: int, 
 
 # part -> build(folder, prompts, seed); each model has its own seed offset.
 _BUILDERS = {
-    "flux": lambda d, prompts, seed: _write_pipeline(build_tiny_flux_pipeline(prompts, seed), d),
+    "flux": lambda d, prompts, seed: _family("flux").build_tiny(d, prompts, seed),
+    "sd3": lambda d, prompts, seed: _family("sd3").build_tiny(d, prompts, seed + 60),
     "hps": lambda d, prompts, seed: write_hps_folder(d, seed + 10),
     "clip_score": lambda d, prompts, seed: write_open_clip_folder(build_tiny_open_clip(seed + 20), d),
     "pickscore": lambda d, prompts, seed: write_pickscore_folder(d, seed + 30),
@@ -469,7 +531,7 @@ TINY_PARTS = tuple(_BUILDERS)
 
 def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int = 0, force: bool = False,
                              only: tuple[str, ...] | None = None) -> dict:
-    """Write ``flux/``, ``hps/``, ``clip_score/``, ``pickscore/``, ``imagereward/`` and ``unifiedreward/`` under
+    """Write ``flux/``, ``sd3/``, ``hps/``, ``clip_score/``, ``pickscore/``, ``imagereward/`` and ``unifiedreward/`` under
     ``out_dir`` (``only``: just those parts); skip existing parts.
 
     Each part is built in a temporary directory and renamed into place, so an interrupted run never
@@ -488,6 +550,12 @@ def prepare_tiny_checkpoints(out_dir: str | Path, prompts: list[str], seed: int 
     return written
 
 
-def _write_pipeline(pipeline, directory: Path) -> None:
+def _family(kind: str):
+    from g2rpo.models import family
+
+    return family(kind)
+
+
+def write_pipeline(pipeline, directory: Path) -> None:
     with atomic_directory(directory) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)

@@ -59,6 +59,22 @@ def start_line(cfg: TrainConfig) -> str:
     return f"start: afresh; refused if {cfg.output_dir} holds an earlier run (resume none)"
 
 
+def base_model_line(cfg: TrainConfig) -> str:
+    """The base model's folder, family (read from it where models.kind is auto) and guidance."""
+    from g2rpo.models import family, family_of
+
+    path, kind = cfg.models.base.path, cfg.models.kind
+    try:
+        chosen = family_of(path, kind)
+    except (OSError, ValueError):  # not there yet (the input check below names it): the family named, if any
+        chosen = family(kind) if kind != "auto" else None
+    if chosen is None:
+        return f"{path} (models.kind auto: the family is read from its model_index.json)"
+    guidance = (f"classifier-free guidance {cfg.sampling.guidance} (2 rows per sample)" if
+                chosen.rows_per_sample(cfg.sampling.guidance) == 2 else f"guidance {cfg.sampling.guidance}")
+    return f"{chosen.title} ({chosen.kind}) at {path}, {guidance}, timestep {cfg.sampling.timestep}"
+
+
 def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
     from g2rpo.methods import build_method
 
@@ -79,9 +95,10 @@ def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
     lines = [
         f"world: {nnodes} node(s) x {nproc_per_node} process(es) = {world} rank(s), engine {cfg.engine.kind}",
         f"method: {cfg.method}",
+        f"base model: {base_model_line(cfg)}",
         f"per step: {cfg.data.prompts_per_rank} prompt group(s) per rank, {groups} in all, "
         f"{s.group_size} generations each at {s.height}x{s.width}",
-        f"sampling: T={s.num_steps}, shift={s.shift}, eta={s.eta}, {sampling}, order={s.order}",
+        f"sampling: T={s.num_steps} ({s.grid} grid), shift={s.shift}, eta={s.eta}, {sampling}, order={s.order}",
         f"rewards: {', '.join(f'{r.name} (weight {r.weight})' for r in cfg.rewards)}",
         f"steps: {cfg.max_steps}, optimiser updates: {cfg.max_steps * k} ({k} per step), lr {cfg.optim.lr}, "
         f"clip_range {cfg.ppo.clip_range}",
@@ -110,14 +127,14 @@ def _listed(steps: list[int], most: int = 8) -> str:
 
 
 def input_problems(cfg: TrainConfig) -> list[str]:
-    """The files a run of ``cfg`` reads that are missing: the FLUX pipeline, the embedding index, the reward
+    """The files a run of ``cfg`` reads that are missing: the base model's pipeline, the embedding index, the reward
     models, a ψ table (``DRY_RUN`` checks them before anything starts)."""
     from pathlib import Path
 
     from g2rpo.reward_registry import missing_inputs
 
-    problems = [] if (Path(cfg.models.flux.path) / "model_index.json").is_file() else [
-        f"models.flux.path={cfg.models.flux.path} (no model_index.json: not a diffusers FLUX pipeline folder)"]
+    problems = [] if (Path(cfg.models.base.path) / "model_index.json").is_file() else [
+        f"models.base.path={cfg.models.base.path} (no model_index.json: not a diffusers pipeline folder)"]
     if not Path(cfg.data.index).is_file():
         problems.append(f"data.index={cfg.data.index} (run the preprocessing launcher)")
     if cfg.trajectory.noise == "psi" and not Path(cfg.dense.psi_table).is_file():

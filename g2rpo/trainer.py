@@ -32,9 +32,10 @@ from g2rpo.loss import ppo_clip_loss, reference_kl
 from g2rpo.memory import PhaseMeter
 from g2rpo.methods import build_method
 from g2rpo.metrics import MetricsLogger
-from g2rpo.models import decode_latents, load_vae, release_memory, transformer_dims
-from g2rpo.rewards import build_reward
-from g2rpo.rollout import PromptEmbedding, ode_sample
+from g2rpo.models import family_of, load_vae, release_memory, transformer_config
+from g2rpo.models.base import Conditioning
+from g2rpo.reward_registry import REWARDS, build_reward
+from g2rpo.rollout import ode_sample
 from g2rpo.rundir import RunLock, append_history, clear_run, describe_run, run_files
 
 
@@ -43,7 +44,7 @@ class Group:
     """One prompt group of this rank's step: its conditioning, rollout and rewards (shapes: g2rpo.methods)."""
 
     caption: str
-    embedding: PromptEmbedding
+    embedding: Conditioning
     rollout: object  # RolloutResult (g2rpo) | TrajectoryResult
     rewards: torch.Tensor | None = None  # g2rpo [R, G, N, K]; terminal [R, N]; dense [R, N, T+1]
     anchor_rewards: torch.Tensor | None = None  # [R]: the group's deterministic sample, where the method has one
@@ -99,20 +100,22 @@ class Trainer:
         self.data_identity = broadcast_object(agreed(lambda: checkpoint.data_identity(cfg.data.index)
                                                      if info.is_main else None))
         self.resume_from, self.resume_step, self.resume_changes = broadcast_object(agreed(self._claim_output_dir))
-        dims = transformer_dims(cfg.models.flux.path)
-        dataset = agreed(lambda: EmbeddingDataset(cfg.data.index, dims))
+        self.family = family_of(cfg.models.base.path, cfg.models.kind)
+        config = transformer_config(cfg.models.base.path)
+        dataset = agreed(lambda: EmbeddingDataset(cfg.data.index, config, self.family))
         agreed(lambda: dataset.check_files(info.rank, info.world_size))
         self.dataset, self.heldout = dataset.split(cfg.data.holdout)
         # One model at a time, each freed of its loading buffers before the next: the transformer is read
         # shard by shard into the engine, then the VAE, then each reward model.
         self.method = build_method(cfg, info.world_size)
         self.engine = build_engine(cfg, info, cfg.max_steps * self.method.updates_per_step(), meter.mark)
-        self.vae = load_vae(cfg.models.flux.path, cfg.models.flux.dtype).to(device).eval().requires_grad_(False)
+        self.vae = load_vae(cfg.models.base.path, cfg.models.base.dtype).to(device).eval().requires_grad_(False)
         self.rewards = {}
         for spec in cfg.rewards:
             self.rewards[spec.name] = build_reward(spec.name, cfg.models, device)
             release_memory()
         meter.mark("vae+rewards")
+        self.reward_scales = torch.tensor([REWARDS[spec.name].train_scale for spec in cfg.rewards])  # PickScore: / 26
         self.reward_weights = torch.tensor([spec.weight for spec in cfg.rewards])
         if cfg.advantage.normalize_weights:  # MixGRPO: the weights sum to 1 (in magnitude: a negated twin stays negated)
             self.reward_weights = self.reward_weights / self.reward_weights.abs().sum()
@@ -189,9 +192,10 @@ class Trainer:
         s = self.cfg.sampling
         for group in groups:
             latents = self.method.score_latents(group.rollout)
-            images = decode_latents(self.vae, latents, s.height, s.width, self.cfg.decode_batch_size)
+            images = self.family.decode(self.vae, latents, s.height, s.width, self.cfg.decode_batch_size)
             prompts = [group.caption] * len(images)
             scores = torch.stack([reward.score(images, prompts) for reward in self.rewards.values()]).cpu()
+            scores = scores * self.reward_scales[:, None] if (self.reward_scales != 1).any() else scores
             self.method.assign_scores(group, scores, images)
 
     def advantages(self, groups: list[Group]) -> list[torch.Tensor]:
@@ -343,8 +347,9 @@ class Trainer:
         totals = torch.zeros(len(self.rewards))
         count = torch.zeros(())
         for latent, caption in samples:  # decoded and scored outside the policy's autocast
-            image = decode_latents(self.vae, latent[None], s.height, s.width)
-            totals += torch.stack([reward.score(image, [caption])[0].cpu() for reward in self.rewards.values()])
+            image = self.family.decode(self.vae, latent[None], s.height, s.width)
+            totals += torch.stack([reward.score(image, [caption])[0].cpu() for reward in self.rewards.values()]) \
+                * self.reward_scales
             count += 1
         totals, count = all_reduce(totals, "sum"), all_reduce(count, "sum")
         return {name: (totals[i] / count).item() for i, name in enumerate(self.rewards)}

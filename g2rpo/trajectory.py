@@ -33,7 +33,8 @@ import torch
 
 from g2rpo.config import SamplingConfig
 from g2rpo.flow import dpm_solver_step, ode_step, sde_step, shift_time, sigma_schedule
-from g2rpo.rollout import PromptEmbedding, VelocityField, packed_channels, start_noise
+from g2rpo.models.base import Conditioning
+from g2rpo.rollout import VelocityField, start_noise
 
 
 @dataclass
@@ -42,15 +43,15 @@ class TrajectoryResult:
 
     sigmas: torch.Tensor  # [T+1]
     levels: torch.Tensor  # [T]: the noise level s_i of each transition (0: a deterministic step)
-    latents: torch.Tensor  # [N, T+1, L, C]: x_0 (start noise) .. x_T (the image's latent)
+    latents: torch.Tensor  # [N, T+1, *latent]: x_0 (start noise) .. x_T (the image's latent)
     old_log_probs: torch.Tensor  # [N, T]: log-prob of each stochastic transition under the sampling policy (NaN: ODE)
-    completions: torch.Tensor | None  # [N, T+1, L, C]: ODE completion of every x_i (i = T: x_T); DenseGRPO only
+    completions: torch.Tensor | None  # [N, T+1, *latent]: ODE completion of every x_i (i = T: x_T); DenseGRPO only
     num_calls: int
     num_sample_forwards: int
 
     @property
     def final(self) -> torch.Tensor:
-        """``[N, L, C]``: the latents decoded for the terminal reward."""
+        """``[N, *latent]``: the latents decoded for the terminal reward."""
         return self.latents[:, -1]
 
     @property
@@ -59,13 +60,15 @@ class TrajectoryResult:
         return [i for i, s in enumerate(self.levels.tolist()) if s > 0]
 
 
-def _start_latents(generator: torch.Generator, channels: int, cfg: SamplingConfig, same: bool) -> torch.Tensor:
+def _start_latents(embedding: Conditioning, policy, generator: torch.Generator, cfg: SamplingConfig,
+                   same: bool) -> torch.Tensor:
     if same:
-        return start_noise(generator, channels, cfg.height, cfg.width).expand(cfg.group_size, -1, -1).clone()
-    return torch.cat([start_noise(generator, channels, cfg.height, cfg.width) for _ in range(cfg.group_size)])
+        first = start_noise(embedding, policy, generator, cfg.height, cfg.width)
+        return first.expand(cfg.group_size, *first.shape[1:]).clone()
+    return torch.cat([start_noise(embedding, policy, generator, cfg.height, cfg.width) for _ in range(cfg.group_size)])
 
 
-def compressed_grid(num_steps: int, shift: float, last: int, ratio: float) -> torch.Tensor:
+def compressed_grid(num_steps: int, shift: float, last: int, ratio: float) -> torch.Tensor:  # on the uniform grid
     """MixGRPO-Flash's grid: ``σ_0 .. σ_{last+1}`` of the T-step grid (through the window's last transition
     ``last``), then its remaining ``T − last − 1`` steps compressed to ``n − 1`` with
     ``n = max(⌊(T − last)·ratio⌋, 2)`` points evenly spaced in unshifted time from ``t_{last+1}`` to 0 (the
@@ -77,7 +80,7 @@ def compressed_grid(num_steps: int, shift: float, last: int, ratio: float) -> to
 
 
 @torch.no_grad()
-def sde_trajectories(policy, embedding: PromptEmbedding, cfg: SamplingConfig, levels: torch.Tensor,
+def sde_trajectories(policy, embedding: Conditioning, cfg: SamplingConfig, levels: torch.Tensor,
                      generator: torch.Generator, same_start_noise: bool = True, dense: bool = False,
                      order: str = "shared", compute_dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None, sigmas: torch.Tensor | None = None,
@@ -86,9 +89,9 @@ def sde_trajectories(policy, embedding: PromptEmbedding, cfg: SamplingConfig, le
     or on ``sigmas [T+1]`` (MixGRPO-Flash's `compressed_grid`). ``dpm_from``: the deterministic transitions
     from that grid index on take DPM-Solver++(2M) steps (`g2rpo.flow.dpm_solver_step`; its history holds the
     ``x̂0`` of every earlier step, the window's SDE steps included) instead of Euler steps."""
-    device = torch.device(device) if device is not None else embedding.prompt_embeds.device
+    device = torch.device(device) if device is not None else embedding.device
     embedding.validate(policy)
-    grid = sigma_schedule(cfg.num_steps, cfg.shift) if sigmas is None else sigmas.float().cpu()
+    grid = sigma_schedule(cfg.num_steps, cfg.shift, cfg.grid) if sigmas is None else sigmas.float().cpu()
     n, t = cfg.group_size, len(grid) - 1
     levels = torch.as_tensor(levels, dtype=torch.float32)
     if levels.shape != (t,) or (levels < 0).any():
@@ -99,7 +102,7 @@ def sde_trajectories(policy, embedding: PromptEmbedding, cfg: SamplingConfig, le
         raise ValueError("dpm_from: the DPM-Solver++ steps are MixGRPO-Flash's; dense completions use Euler steps")
     sigmas = grid.to(device)
     host_sigmas = grid.tolist()  # the solver's coefficients, without a device sync per step
-    start = _start_latents(generator, packed_channels(policy), cfg, same_start_noise)
+    start = _start_latents(embedding, policy, generator, cfg, same_start_noise)
     noise = torch.randn((t, *start.shape), generator=generator, dtype=torch.float32).to(device)
     start = start.to(device)
     velocity = VelocityField.for_sampling(policy, embedding, cfg, device, cfg.micro_batch, compute_dtype)

@@ -1,6 +1,6 @@
 """Build the tiny, randomly initialised FLUX pipeline and reward models used by the tests and the demo.
 
-    python scripts/prepare_tiny_checkpoints.py                 # writes ckpt/tiny/{flux,hps,clip_score,pickscore,imagereward,unifiedreward}
+    python scripts/prepare_tiny_checkpoints.py                 # writes ckpt/tiny/{flux,sd3,hps,clip_score,pickscore,imagereward,unifiedreward}
     python scripts/prepare_tiny_checkpoints.py --force --out /tmp/tiny --seed 1
     python scripts/prepare_tiny_checkpoints.py --only flux hps clip_score    # what training needs
 

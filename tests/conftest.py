@@ -80,7 +80,7 @@ def tiny_models(tiny_ckpt) -> ModelsConfig:
     """configs/models/tiny.yaml with its ``ckpt/tiny`` paths pointed at the session's build."""
     config = load_config(ModelsConfig, ROOT / "configs" / "models" / "tiny.yaml")
     overrides = []
-    for section, key in (("flux", "path"), ("hps", "base_dir"), ("hps", "checkpoint"), ("clip_score", "path"),
+    for section, key in (("base", "path"), ("hps", "base_dir"), ("hps", "checkpoint"), ("clip_score", "path"),
                          ("pickscore", "model"), ("pickscore", "processor"), ("imagereward", "checkpoint"),
                          ("imagereward", "med_config"), ("imagereward", "tokenizer"), ("unifiedreward", "path")):
         value = getattr(getattr(config, section), key)
@@ -91,16 +91,16 @@ def tiny_models(tiny_ckpt) -> ModelsConfig:
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_models):
-    from g2rpo.models import load_flux_pipeline
+    from g2rpo.models.flux import load_flux_pipeline
 
-    pipe = load_flux_pipeline(tiny_models.flux.path, tiny_models.flux.dtype)
+    pipe = load_flux_pipeline(tiny_models.base.path, tiny_models.base.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def model_overrides(models: ModelsConfig) -> list[str]:
     """Dotted overrides pointing a training config's models at the session's tiny checkpoints."""
-    return [f"models.flux.path={models.flux.path}", f"models.hps.base_dir={models.hps.base_dir}",
+    return [f"models.base.path={models.base.path}", f"models.hps.base_dir={models.hps.base_dir}",
             f"models.hps.checkpoint={models.hps.checkpoint}", f"models.clip_score.path={models.clip_score.path}"]
 
 
@@ -127,10 +127,49 @@ def tiny_embeddings(tiny_models, tmp_path_factory) -> Path:
     (scripts/run_tiny.sh; FLUX.1-dev uses 512)."""
 
     def build(folder):
-        cmd = [*TORCHRUN, "-m", "g2rpo.preprocess", "--model", tiny_models.flux.path, "--prompts",
+        cmd = [*TORCHRUN, "-m", "g2rpo.preprocess", "--model", tiny_models.base.path, "--prompts",
                str(EXAMPLE_PROMPTS), "--out", str(folder / "tiny_embeddings"), "--dtype", "float32", "--device", "cpu",
                "--max-sequence-length", str(TINY_T5_LENGTH)]
         result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
 
     return built_once(tmp_path_factory, "emb", build) / "tiny_embeddings"
+
+
+# ------------------------------------------------------------------------------------ SD3 (tiny)
+
+TINY_SD3_T5_LENGTH = 16  # T5 positions of the tiny SD3 embeddings (configs/tiny_sd35m_densegrpo.yaml's header)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_models(tiny_ckpt) -> ModelsConfig:
+    """configs/models/tiny_sd3.yaml with its ``ckpt/tiny`` paths pointed at the session's build."""
+    path = ROOT / "configs" / "models" / "tiny_sd3.yaml"
+    config = load_config(ModelsConfig, path)
+    overrides = []
+    for section, key in (("base", "path"), ("hps", "base_dir"), ("hps", "checkpoint"), ("clip_score", "path"),
+                         ("pickscore", "model"), ("pickscore", "processor")):
+        value = getattr(getattr(config, section), key)
+        overrides.append(f"{section}.{key}={tiny_ckpt / value.removeprefix('ckpt/tiny/')}")
+    return load_config(ModelsConfig, path, overrides)
+
+
+def sd3_model_overrides(models: ModelsConfig) -> list[str]:
+    """`model_overrides` of the tiny SD3 models, PickScore's folders included."""
+    return [*model_overrides(models), f"models.pickscore.model={models.pickscore.model}",
+            f"models.pickscore.processor={models.pickscore.processor}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_embeddings(tiny_sd3_models, tmp_path_factory) -> Path:
+    """data/example_prompts.txt encoded by the tiny SD3 pipeline's three text encoders (one process), with the empty
+    prompt's embedding beside the index."""
+
+    def build(folder):
+        cmd = [sys.executable, "-m", "g2rpo.preprocess", "--model", tiny_sd3_models.base.path, "--prompts",
+               str(EXAMPLE_PROMPTS), "--out", str(folder / "emb"), "--dtype", "float32", "--device", "cpu",
+               "--max-sequence-length", str(TINY_SD3_T5_LENGTH)]
+        result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    return built_once(tmp_path_factory, "sd3_emb", build) / "emb"

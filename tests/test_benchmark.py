@@ -105,7 +105,7 @@ def test_memory_benchmark_smoke_run(tiny_models, tmp_path):
                 "checkpoint": tiny_models.hps.checkpoint, "dtype": "float32", "preprocess": "tensor"},
         "clip_score": {"path": tiny_models.clip_score.path, "dtype": "float32", "preprocess": "tensor"}}))
     out = tmp_path / "memory.json"
-    cmd = [*TORCHRUN, str(ROOT / "scripts/benchmark/bench_memory.py"), "--pipeline", tiny_models.flux.path,
+    cmd = [*TORCHRUN, str(ROOT / "scripts/benchmark/bench_memory.py"), "--pipeline", tiny_models.base.path,
            "--models-config", str(models), "--workdir", str(tmp_path / "work"), "--json", str(out)]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -33,7 +33,7 @@ def test_tiny_yaml_differs_only_in_paths_arch_and_dtypes():
     assert tiny["hps"]["arch"] != real["hps"]["arch"]
     # the GPU dtypes: FLUX.1-dev in bf16; HPS and the CLIP score fp32 weights scored faithfully (the official
     # sequence; on the CPU the batched tensor path); PickScore in half precision
-    real_dtypes = {"flux": "bfloat16", "hps": "float32", "clip_score": "float32", "pickscore": "float16",
+    real_dtypes = {"base": "bfloat16", "hps": "float32", "clip_score": "float32", "pickscore": "float16",
                    "imagereward": "float32"}
     for section in real_dtypes:
         assert tiny[section]["dtype"] == "float32" and real[section]["dtype"] == real_dtypes[section]
@@ -59,19 +59,19 @@ def test_types_are_coerced_and_checked():
 
 def test_unknown_keys_are_errors_naming_file_and_path(tmp_path):
     path = tmp_path / "models.yaml"
-    path.write_text("flux:\n  path: x\n  dtyp: float32\n")
-    with pytest.raises(ValueError, match=r"models.yaml: flux: unknown key\(s\) dtyp; valid keys are dtype, path"):
+    path.write_text("base:\n  path: x\n  dtyp: float32\n")
+    with pytest.raises(ValueError, match=r"models.yaml: base: unknown key\(s\) dtyp; valid keys are dtype, path"):
         load_config(ModelsConfig, path)
 
 
 def test_invalid_value_names_field_and_where_it_came_from(tmp_path):
     """A bad value is named with its source: the file it is in, or the command-line override that set it."""
-    with pytest.raises(ValueError, match=r"^command-line override flux.dtype=int8: expected one of float32, bfloat16"):
-        load_config(ModelsConfig, overrides=["flux.dtype=int8"])
+    with pytest.raises(ValueError, match=r"^command-line override base.dtype=int8: expected one of float32, bfloat16"):
+        load_config(ModelsConfig, overrides=["base.dtype=int8"])
     path = tmp_path / "models.yaml"
-    path.write_text("flux:\n  dtype: int8\n")
-    with pytest.raises(ValueError, match=rf"^{path}: flux.dtype='int8': expected one of float32, bfloat16"):
-        load_config(ModelsConfig, path, ["flux.path=x"])
+    path.write_text("base:\n  dtype: int8\n")
+    with pytest.raises(ValueError, match=rf"^{path}: base.dtype='int8': expected one of float32, bfloat16"):
+        load_config(ModelsConfig, path, ["base.path=x"])
     tiny = ROOT / "configs" / "tiny.yaml"
     for override, expected in (("ema.decay=1.5", "command-line override ema.decay=1.5: expected 0 (off) or a value in"),
                                ("sampling.num_steps=1", "command-line override sampling.num_steps=1: num_steps=1: "),
@@ -88,12 +88,12 @@ def test_invalid_value_names_field_and_where_it_came_from(tmp_path):
 
 def test_overrides():
     cfg = load_config(ModelsConfig, ROOT / "configs" / "models" / "tiny.yaml",
-                      ["flux.dtype=bfloat16", "hps.arch=ViT-H-14", "clip_score.path=/x/y"])
-    assert (cfg.flux.dtype, cfg.hps.arch, cfg.clip_score.path) == ("bfloat16", "ViT-H-14", "/x/y")
-    assert cfg.flux.path == "ckpt/tiny/flux"
+                      ["base.dtype=bfloat16", "hps.arch=ViT-H-14", "clip_score.path=/x/y"])
+    assert (cfg.base.dtype, cfg.hps.arch, cfg.clip_score.path) == ("bfloat16", "ViT-H-14", "/x/y")
+    assert cfg.base.path == "ckpt/tiny/flux"
     assert apply_overrides({}, ["a.b.c=[1, 2]", "a.d=3.5", "e=text"]) == {"a": {"b": {"c": [1, 2]}, "d": 3.5}, "e": "text"}
     with pytest.raises(ValueError, match="section.field=value"):
-        apply_overrides({}, ["flux.dtype"])
+        apply_overrides({}, ["base.dtype"])
     with pytest.raises(ValueError, match=r"'path' is not a section"):
         apply_overrides({"flux": {"path": "x"}}, ["flux.path.deeper=1"])
 
@@ -136,8 +136,8 @@ def test_a_training_config_reads_its_models_from_the_models_file(tmp_path):
     for config, models in (("g2rpo_hps_clip.yaml", "flux_dev.yaml"), ("tiny_dancegrpo.yaml", "tiny.yaml")):
         cfg = load_config(TrainConfig, ROOT / "configs" / config)
         assert to_dict(cfg.models) == to_dict(load_config(ModelsConfig, ROOT / "configs/models" / models)), config
-    cfg = load_config(TrainConfig, ROOT / "configs/tiny.yaml", ["models.flux.path=elsewhere"])
-    assert cfg.models.flux.path == "elsewhere" and cfg.models.hps.arch == "g2rpo-tiny-ViT"  # overrides still apply
+    cfg = load_config(TrainConfig, ROOT / "configs/tiny.yaml", ["models.base.path=elsewhere"])
+    assert cfg.models.base.path == "elsewhere" and cfg.models.hps.arch == "g2rpo-tiny-ViT"  # overrides still apply
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: configs/models/nowhere.yaml\n")
     with pytest.raises(FileNotFoundError, match=r"bad.yaml: models: configs/models/nowhere.yaml: file not found"):

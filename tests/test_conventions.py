@@ -172,8 +172,8 @@ def test_kl_forms_on_given_means_std_and_step():
 
 
 def test_timestep_feed_quantised_or_exact():
-    from g2rpo.flow import latent_image_ids
-    from g2rpo.rollout import PromptEmbedding, VelocityField
+    from g2rpo.models.flux import PromptEmbedding
+    from g2rpo.rollout import VelocityField
 
     seen = []
 
@@ -183,7 +183,7 @@ def test_timestep_feed_quantised_or_exact():
 
     embedding = PromptEmbedding(torch.zeros(4, 8), torch.zeros(8), torch.zeros(4, 3))
     for quantize in (True, False):
-        VelocityField(policy, embedding, latent_image_ids(2, 2), 3.5, quantize=quantize)(torch.zeros(2, 4, 64),
+        VelocityField(policy, embedding, (16, 16), 3.5, quantize=quantize)(torch.zeros(2, 4, 64),
                                                                                           torch.tensor(0.12345))
     assert seen[0] == pytest.approx([0.123] * 2, abs=1e-7) and seen[1] == pytest.approx([0.12345] * 2, abs=1e-7)
     assert _cfg("flowgrpo_hps.yaml").sampling.timestep == "exact" and _cfg("g2rpo_hps_clip.yaml").sampling.timestep \
@@ -233,7 +233,7 @@ def test_every_method_trains_the_same_on_two_ranks_as_one_process_with_both_grou
     def weights(folder):  # every shard of a diffusers transformer folder
         return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
-    start = weights(Path(tiny_models.flux.path) / "transformer")
+    start = weights(Path(tiny_models.base.path) / "transformer")
     for name, overrides in runs.items():
         cfg = load_config(TrainConfig, ROOT / "configs" / name, [*overrides, "data.prompts_per_rank=2",
                                                                  f"output_dir={tmp_path / 'one' / name}"])

@@ -31,7 +31,7 @@ def test_shard_rows_is_torch_chunk():
 @pytest.fixture(scope="module")
 def loaded(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("engine_load")
-    cmd = [*TORCHRUN, str(ROOT / "tests/helpers/engine_load.py"), tiny_models.flux.path, str(out)]
+    cmd = [*TORCHRUN, str(ROOT / "tests/helpers/engine_load.py"), tiny_models.base.path, str(out)]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, json.loads((out / "result.json").read_text())
@@ -54,7 +54,7 @@ def test_two_rank_gradient_clipping_equals_torchs_on_the_plain_model(loaded):
 
 def test_parallel_export_is_the_model_in_bf16_and_fp32(loaded, tiny_models):
     out, _ = loaded
-    source = load_transformer(tiny_models.flux.path, subfolder="transformer").state_dict()
+    source = load_transformer(tiny_models.base.path, subfolder="transformer").state_dict()
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         folder = out / name
         index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
@@ -73,7 +73,7 @@ def test_two_rank_lora_initialises_by_name_and_merges_across_shards(loaded, tiny
     merged export is W + (alpha / rank) · B A of the file's W and the gathered adapters, under the base names."""
     out, result = loaded
     assert result["lora_mismatched"] == [[], []]
-    source = read_weights(f"{tiny_models.flux.path}/transformer")
+    source = read_weights(f"{tiny_models.base.path}/transformer")
     adapters = {n: torch.tensor(v) for n, v in json.loads((out / "lora.json").read_text()).items()}
     merged = read_weights(out / "lora_merged")
     assert merged.keys() == source.keys() and len(adapters) == 22  # A, B of 8 double- and 3 single-block projections
@@ -115,7 +115,7 @@ def test_weights_that_do_not_match_the_model_are_named(tiny_models, tmp_path):
     from safetensors.torch import save_file
 
     folder = tmp_path / "transformer"
-    shutil.copytree(f"{tiny_models.flux.path}/transformer", folder)
+    shutil.copytree(f"{tiny_models.base.path}/transformer", folder)
     state = read_weights(folder)
     state.pop("x_embedder.bias")
     state["proj_out.weight"] = state["proj_out.weight"][:, :-1].contiguous()
@@ -134,10 +134,11 @@ def test_weights_that_do_not_match_the_model_are_named(tiny_models, tmp_path):
 
 def test_one_process_engine_is_the_plain_model(tiny_models):
     """In one process FSDP2 wraps without sharding: same forward as the model loaded by diffusers, same names."""
-    from g2rpo.rollout import PromptEmbedding, singular_sde_rollout
+    from g2rpo.models.flux import PromptEmbedding
+    from g2rpo.rollout import singular_sde_rollout
     from g2rpo.config import SamplingConfig
 
-    folder = f"{tiny_models.flux.path}/transformer"
+    folder = f"{tiny_models.base.path}/transformer"
     engine = FSDPEngine(folder, EngineConfig(device="cpu", mixed_precision="fp32"), OptimConfig(), 1, CPU)
     plain = load_transformer(folder).eval()
     assert [n for n, _ in engine.module.named_parameters()] == [n for n, _ in plain.named_parameters()]
@@ -185,9 +186,10 @@ def test_mixed_precision_modes_against_the_references_autocast(tiny_models):
     ``bf16`` (MixedPrecisionPolicy) rounds every weight to bf16 as autocast does for matmuls, but also the
     RMSNorm scales and the activations between blocks: it differs at bf16 rounding level, no more."""
     from g2rpo.config import SamplingConfig
-    from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+    from g2rpo.models.flux import PromptEmbedding
+    from g2rpo.rollout import policy_log_probs, singular_sde_rollout
 
-    folder = f"{tiny_models.flux.path}/transformer"
+    folder = f"{tiny_models.base.path}/transformer"
     g = torch.Generator().manual_seed(0)
     embedding = PromptEmbedding(torch.randn(8, 32, generator=g), torch.randn(32, generator=g), torch.zeros(8, 3))
     cfg = SamplingConfig(num_steps=4, branch_steps=[0, 1], group_size=3, height=32, width=32)
@@ -212,9 +214,10 @@ def test_mixed_precision_modes_against_the_references_autocast(tiny_models):
 def test_cpu_offload_trains_like_the_resident_engine(tiny_models):
     """``engine.offload`` (CPUOffloadPolicy, the one-GPU option): the same update as without it."""
     from g2rpo.config import SamplingConfig
-    from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+    from g2rpo.models.flux import PromptEmbedding
+    from g2rpo.rollout import policy_log_probs, singular_sde_rollout
 
-    folder = f"{tiny_models.flux.path}/transformer"
+    folder = f"{tiny_models.base.path}/transformer"
     g = torch.Generator().manual_seed(0)
     embedding = PromptEmbedding(torch.randn(8, 32, generator=g), torch.randn(32, generator=g), torch.zeros(8, 3))
     cfg = SamplingConfig(num_steps=4, branch_steps=[0], group_size=2, height=32, width=32)
@@ -236,9 +239,10 @@ def test_cpu_offload_trains_like_the_resident_engine(tiny_models):
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping active / inactive
 def test_gradient_norm_and_clipping_equal_torchs_on_the_plain_model(tiny_models, max_norm):
     from g2rpo.config import SamplingConfig
-    from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+    from g2rpo.models.flux import PromptEmbedding
+    from g2rpo.rollout import policy_log_probs, singular_sde_rollout
 
-    folder = f"{tiny_models.flux.path}/transformer"
+    folder = f"{tiny_models.base.path}/transformer"
     g = torch.Generator().manual_seed(0)
     embedding = PromptEmbedding(torch.randn(8, 32, generator=g), torch.randn(32, generator=g), torch.zeros(8, 3))
     cfg = SamplingConfig(num_steps=4, branch_steps=[0], group_size=2, height=32, width=32)
@@ -258,7 +262,7 @@ def test_gradient_norm_and_clipping_equal_torchs_on_the_plain_model(tiny_models,
 def test_a_truncated_weights_file_is_named(tiny_models, tmp_path):
     folder = tmp_path / "transformer"
     folder.mkdir()
-    source = Path(tiny_models.flux.path) / "transformer" / "diffusion_pytorch_model.safetensors"
+    source = Path(tiny_models.base.path) / "transformer" / "diffusion_pytorch_model.safetensors"
     (folder / "diffusion_pytorch_model.safetensors").write_bytes(source.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors: cannot read the safetensors header"):
         SafetensorsFolder(folder)

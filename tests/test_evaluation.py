@@ -17,14 +17,14 @@ from conftest import ROOT
 from g2rpo.evaluation import (METRIC_COLUMNS, EvaluationError, paper_comparison_markdown, parse_args, prepare_out,
                               summarize, summary_markdown)
 from g2rpo.fingerprint import read_fingerprint
-from g2rpo.rewards import build_reward
+from g2rpo.reward_registry import build_reward
 
 SIZE = ["--height", "64", "--width", "64", "--steps", "4", "--dtype", "float32", "--device", "cpu"]
 
 
 def _evaluate(tiny_models, models_yaml, prompt_file, out, nproc=2, extra=(), ok=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "scripts/evaluation/evaluate.py"), "--base", tiny_models.flux.path, "--prompts", str(prompt_file),
+           str(ROOT / "scripts/evaluation/evaluate.py"), "--base", tiny_models.base.path, "--prompts", str(prompt_file),
            "--models-config", str(models_yaml), "--out", str(out), *SIZE, *extra]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
@@ -42,7 +42,7 @@ def _evaluate_here(tiny_models, models_yaml, prompt_file, out, extra) -> str:
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        evaluate(["--base", tiny_models.flux.path, "--prompts", str(prompt_file), "--models-config", str(models_yaml),
+        evaluate(["--base", tiny_models.base.path, "--prompts", str(prompt_file), "--models-config", str(models_yaml),
                   "--out", str(out), *SIZE, *extra])
     return printed.getvalue()
 
@@ -145,7 +145,7 @@ def _args(tiny_models, tmp_path, *extra):
     prompt_file = tmp_path / "prompts.txt"
     if not prompt_file.exists():
         prompt_file.write_text("a cat\na dog\na fox\n")
-    return parse_args(["--base", tiny_models.flux.path, "--prompts", str(prompt_file), "--out", str(tmp_path / "out"),
+    return parse_args(["--base", tiny_models.base.path, "--prompts", str(prompt_file), "--out", str(tmp_path / "out"),
                        "--models-config", "unused.yaml", *SIZE, *extra])
 
 
@@ -190,7 +190,7 @@ def test_eval_verifies_the_transformer_export(tiny_models, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
     uncommitted = tmp_path / "run/checkpoint-5/transformer"
-    shutil.copytree(Path(tiny_models.flux.path) / "transformer", uncommitted)
+    shutil.copytree(Path(tiny_models.base.path) / "transformer", uncommitted)
     with pytest.raises(EvaluationError, match="checkpoint-5, which was never committed"):
         prepare_out(_args(tiny_models, tmp_path, "--transformer", str(uncommitted)), ["a cat"])
     with pytest.raises(EvaluationError, match="no model_index.json"):
@@ -232,7 +232,7 @@ def test_pickscore_is_batch_invariant_and_logit_scaled(tiny_models):
 def test_eval_rejects_bad_prompt_files_and_metrics(tiny_models, models_yaml, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"a cat\n\xff\xfe broken\n")
-    cmd = [sys.executable, str(ROOT / "scripts/evaluation/evaluate.py"), "--base", tiny_models.flux.path,
+    cmd = [sys.executable, str(ROOT / "scripts/evaluation/evaluate.py"), "--base", tiny_models.base.path,
            "--prompts", str(bad), "--models-config", str(models_yaml), "--out", str(tmp_path / "o")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "bad.txt:2: not valid UTF-8" in result.stderr

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from g2rpo.flow import (granular_indices, granular_schedule, latent_image_ids, ode_step, pack_latents,
-                        quantize_timestep, sde_step, sigma_schedule, unpack_latents)
+from g2rpo.flow import granular_indices, granular_schedule, ode_step, quantize_timestep, sde_step, sigma_schedule
+from g2rpo.models.flux import latent_image_ids, pack_latents, unpack_latents
 
 
 def test_sigma_schedule_closed_form():

@@ -24,7 +24,7 @@ def committed_export(tiny_models, parent: Path, step: int = 3) -> Path:
     format `g2rpo.checkpoint.save` writes (``{"files": {relative path: {size, sha256}}}``)."""
     checkpoint = parent / f"checkpoint-{step}"
     export = checkpoint / "transformer"
-    shutil.copytree(Path(tiny_models.flux.path) / "transformer", export)
+    shutil.copytree(Path(tiny_models.base.path) / "transformer", export)
     (checkpoint / "trainer_state.json").write_text("{}")
     files = {p.relative_to(checkpoint).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(checkpoint.rglob("*")) if p.is_file()}
@@ -44,7 +44,7 @@ def test_infer_script_writes_the_pipelines_images(tiny_pipeline, tiny_models, tm
     prompt_file.write_text("\n".join(prompts) + "\n")
     out = tmp_path / "out"
     export = committed_export(tiny_models, tmp_path / "run")  # the base's own weights, as a verified export
-    cmd = [*INFER, "--base", tiny_models.flux.path, "--transformer", str(export),
+    cmd = [*INFER, "--base", tiny_models.base.path, "--transformer", str(export),
            "--prompt-file", str(prompt_file), "--limit", "2", "--steps", "3", "--height", "64", "--width", "80",
            "--seed", "7", "--dtype", "float32", "--device", "cpu", "--out", str(out)]
     result = subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
@@ -90,13 +90,13 @@ def test_verify_export_refuses_unlisted_weights_and_uncommitted_checkpoints(tiny
     with pytest.raises(ValueError, match="checkpoint-3, which was never committed"):
         verify_export(export)
     interrupted = tmp_path / ".checkpoint-5.tmp/transformer"
-    shutil.copytree(Path(tiny_models.flux.path) / "transformer", interrupted)
+    shutil.copytree(Path(tiny_models.base.path) / "transformer", interrupted)
     with pytest.raises(ValueError, match=r"\.checkpoint-5\.tmp, which was never committed"):
         verify_export(interrupted)
 
 
 def test_verify_export_accepts_plain_folders_unverified(tiny_models, tmp_path):
-    plain = Path(tiny_models.flux.path) / "transformer"
+    plain = Path(tiny_models.base.path) / "transformer"
     assert verify_export(plain) == f"{plain}: not a g2rpo checkpoint export; used as a plain diffusers folder " \
                                    f"(not verified)"
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path}: no config.json"):
@@ -112,7 +112,7 @@ def test_infer_refuses_a_corrupted_or_uncommitted_export(tiny_models, tmp_path, 
     spec.loader.exec_module(infer)
     export = committed_export(tiny_models, tmp_path / "run")
     weights = export / "diffusion_pytorch_model.safetensors"
-    base = ["--base", tiny_models.flux.path, "--prompt", "a red fox", "--steps", "1", "--height", "32",
+    base = ["--base", tiny_models.base.path, "--prompt", "a red fox", "--steps", "1", "--height", "32",
             "--width", "32", "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "out")]
 
     flip_last_byte(weights)
@@ -127,7 +127,7 @@ def test_infer_refuses_a_corrupted_or_uncommitted_export(tiny_models, tmp_path, 
     assert str(refused.value).startswith(f"{export}: belongs to checkpoint {export.parent}, which was never committed")
     assert not (tmp_path / "out").exists()
 
-    plain = Path(tiny_models.flux.path) / "transformer"  # any other diffusers folder: used, with a note
+    plain = Path(tiny_models.base.path) / "transformer"  # any other diffusers folder: used, with a note
     capsys.readouterr()
     infer.main([*base, "--transformer", str(plain)])
     assert f"{plain}: not a g2rpo checkpoint export; used as a plain diffusers folder (not verified)" \

@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT, small_trainer as _trainer
 from g2rpo.config import TrainConfig, load_config
-from g2rpo.models import load_flux_pipeline, load_transformer
+from g2rpo.models import load_transformer
+from g2rpo.models.flux import load_flux_pipeline
 
 LORA = ("lora.rank=4", "lora.alpha=8")
 
@@ -36,7 +37,7 @@ def _local(trainer) -> dict[str, torch.Tensor]:
 
 
 def test_only_the_adapters_train_and_the_exports_are_the_adapter_model(tiny_models, tiny_embeddings, tmp_path):
-    base = load_transformer(tiny_models.flux.path, subfolder="transformer").eval()
+    base = load_transformer(tiny_models.base.path, subfolder="transformer").eval()
     trainer = _trainer(tiny_models, tiny_embeddings, tmp_path / "run", *LORA, "max_steps=2", "checkpoint_start=1",
                        "lora.export_merged=true", "ppo.kl_beta=0.04", "sampling.branch_steps=[0]")
     module = trainer.engine.module
@@ -63,7 +64,7 @@ def test_only_the_adapters_train_and_the_exports_are_the_adapter_model(tiny_mode
     folder = tmp_path / "run/checkpoint-1"
     merged = load_transformer(folder / "transformer").eval()
     torch.testing.assert_close(_forward(merged), adapted, atol=1e-5, rtol=1e-5)
-    pipe = load_flux_pipeline(tiny_models.flux.path, lora_path=folder / "lora")  # diffusers' own LoRA loader
+    pipe = load_flux_pipeline(tiny_models.base.path, lora_path=folder / "lora")  # diffusers' own LoRA loader
     torch.testing.assert_close(_forward(pipe.transformer), adapted, atol=1e-5, rtol=1e-5)
     state_bytes = sum(p.stat().st_size for p in (folder / "state").rglob("*") if p.is_file())
     assert state_bytes < 4 * sum(p.numel() for p in base.parameters())  # adapters + AdamW only, not the base
@@ -120,11 +121,11 @@ def test_resume_rules_of_the_new_options(tmp_path):
         (path / "COMMITTED").write_text("{}")
         (path / "trainer_state.json").write_text(json.dumps({"config": saved, "world_size": 1, "data": data}))
         moved = copy.deepcopy(saved)
-        moved["models"]["flux"]["path"] = "ckpt/elsewhere"
+        moved["models"]["base"]["path"] = "ckpt/elsewhere"
         if refused:
-            with pytest.raises(ValueError, match=r"models.flux.path: checkpoint 'ckpt/tiny/flux' != now "
+            with pytest.raises(ValueError, match=r"models.base.path: checkpoint 'ckpt/tiny/flux' != now "
                                                  r"'ckpt/elsewhere' \(with lora.rank > 0"):
                 check_resume(path, moved, 1, data)
         else:  # full fine-tuning: the checkpoint holds every weight, the pipeline path may move
-            assert check_resume(path, moved, 1, data)[1] == ["models.flux.path: checkpoint 'ckpt/tiny/flux' != now "
+            assert check_resume(path, moved, 1, data)[1] == ["models.base.path: checkpoint 'ckpt/tiny/flux' != now "
                                                              "'ckpt/elsewhere'"]

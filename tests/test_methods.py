@@ -14,7 +14,8 @@ from g2rpo.config import SamplingConfig, TrainConfig, load_config
 from g2rpo.flow import noise_level, sde_step, sde_step_stats, sigma_schedule
 from g2rpo.methods import TrajectoryMethod, window_transitions
 from g2rpo.models import load_transformer
-from g2rpo.rollout import PromptEmbedding, ode_sample
+from g2rpo.models.flux import PromptEmbedding
+from g2rpo.rollout import ode_sample
 from g2rpo.trajectory import expected_trajectory_cost, sde_trajectories
 
 METHOD_CONFIGS = ["tiny.yaml", "tiny_dancegrpo.yaml", "tiny_flowgrpo.yaml", "tiny_mixgrpo.yaml",
@@ -24,7 +25,7 @@ SMALL = SamplingConfig(num_steps=5, group_size=3, height=32, width=32, eta=0.7)
 
 @pytest.fixture(scope="module")
 def model(tiny_models):
-    return load_transformer(tiny_models.flux.path, subfolder="transformer").eval()
+    return load_transformer(tiny_models.base.path, subfolder="transformer").eval()
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +351,7 @@ def test_kl_to_the_reference_is_zero_at_the_start_then_measured_against_the_base
         return {n: p.detach().full_tensor().clone() for n, p in trainer.engine.module.named_parameters()}
 
     assert all(torch.equal(a, b) for a, b in zip(weights(plain).values(), weights(kl).values()))
-    base = load_transformer(tiny_models.flux.path, subfolder="transformer").eval()
+    base = load_transformer(tiny_models.base.path, subfolder="transformer").eval()
     groups = kl.rollout(1)
     kl.score(groups)
     advantages = kl.advantages(groups)

@@ -93,7 +93,7 @@ def _infer():
 
 def test_inference_never_mixes_two_runs_in_one_folder(tiny_models, tmp_path):
     infer, out = _infer(), tmp_path / "out"
-    base = ["--base", tiny_models.flux.path, "--prompt", "a red fox", "--prompt", "a blue bird", "--steps", "1",
+    base = ["--base", tiny_models.base.path, "--prompt", "a red fox", "--prompt", "a blue bird", "--steps", "1",
             "--height", "32", "--width", "32", "--dtype", "float32", "--device", "cpu", "--out", str(out)]
     infer.main(base)
     assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "fingerprint.json", "settings.json"]
@@ -118,7 +118,7 @@ def test_evaluation_checks_every_reward_model_before_generating(tiny_models, tmp
     (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red fox\n")
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/evaluation/evaluate.py"), "--base", tiny_models.flux.path,
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/evaluation/evaluate.py"), "--base", tiny_models.base.path,
                              "--prompts", str(prompts), "--models-config", str(tmp_path / "models.yaml"), "--out",
                              str(tmp_path / "eval"), "--device", "cpu", "--height", "32", "--width", "32"],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -174,7 +174,7 @@ def test_the_readme_cpu_commands_run_as_written(tmp_path):
     import shutil
 
     commands = [c for c in _section_commands("Quick start") if "pytest" not in c] + _section_commands("More on the CPU")
-    assert len(commands) == 4 and "scripts/run_tiny.sh" in commands[0], commands
+    assert len(commands) == 5 and "scripts/run_tiny.sh" in commands[0], commands
     # the copy shares this environment: its env_setup.sh must find it up to date, or it would reinstall the project
     # from the copy (an editable install pointing at a folder about to be deleted)
     want = hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in (
@@ -196,3 +196,7 @@ def test_the_readme_cpu_commands_run_as_written(tmp_path):
         assert (run / "checkpoint-1/COMMITTED").is_file() and (run / "hps_reward.txt").is_file(), method
         assert (run / "reward_curve.png").is_file(), method
     assert (copy / "outputs/tiny/eval/summary.md").is_file() and (copy / "outputs/tiny/fox/00000.png").is_file()
+    sd3 = copy / "outputs/tiny/sd35m_densegrpo"  # DenseGRPO on the tiny SD3 pipeline, PickScore its reward
+    assert (sd3 / "checkpoint-1/COMMITTED").is_file() and (sd3 / "pickscore_reward.txt").is_file()
+    assert json.loads((copy / "data/tiny_sd3_embeddings/fingerprint.json").read_text())["family"] == "sd3"
+    assert (copy / "data/tiny_sd3_embeddings/negative.safetensors").is_file()

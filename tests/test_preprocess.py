@@ -48,7 +48,7 @@ def _stored_caption(path: Path) -> str:
 def text_model(tiny_models, tmp_path) -> Path:
     """The tiny pipeline's folder without transformer and VAE weights (preprocessing reads neither)."""
     folder = tmp_path / "flux"
-    shutil.copytree(tiny_models.flux.path, folder, ignore=lambda d, names: [
+    shutil.copytree(tiny_models.base.path, folder, ignore=lambda d, names: [
         n for n in names if n.endswith(".safetensors") and Path(d).name in ("transformer", "vae")])
     return folder
 

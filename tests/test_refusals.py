@@ -81,7 +81,7 @@ def test_refusals_are_one_line_through_every_launcher(run_folder, common, tiny_m
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     misfit = _misfit_index(tiny_embeddings, tmp_path / "misfit")
-    flux = tiny_models.flux.path
+    flux = tiny_models.base.path
 
     cases = [  # (what, command, environment, the message's tell-tale part)
         ("a bad config value", [*FINETUNE, *common, f"output_dir={tmp_path / 'a'}", "ema.decay=1.5"], {},
@@ -208,8 +208,10 @@ def test_resume_given_twice_differently_is_refused_naming_both(capsys, tiny_mode
                     "TRANSFORMER=a and --transformer are both given; give one")
     _assert_refused(_run(["bash", str(ROOT / "scripts/preprocess/preprocess_flux_rl_embeddings.sh"), "--out", "b"],
                          OUT="a"), "OUT=a and --out are both given; give one")
-    _assert_refused(_run([*FINETUNE, "--config", "configs/tiny.yaml"], DRY_RUN="1"),
+    _assert_refused(_run([*FINETUNE, "--config", "configs/tiny.yaml"], DRY_RUN="1", CONFIG="configs/tiny.yaml"),
                     "CONFIG=configs/tiny.yaml and --config are both given; give one")
+    named = _run([*FINETUNE, "--config", "configs/tiny_sd35m_densegrpo.yaml"], DRY_RUN="1")  # the flag alone: used
+    assert named.returncode == 0 and "method: densegrpo\nbase model: SD3" in named.stdout, named.stderr[-2000:]
     # without RESUME the launcher's default (auto) gives way to an explicit override
     fresh = _run([*FINETUNE, *inputs, "resume=none"], DRY_RUN="1")
     assert fresh.returncode == 0 and "start: afresh" in fresh.stdout, fresh.stderr[-2000:]

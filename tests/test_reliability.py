@@ -260,7 +260,7 @@ def test_deepspeed_trains_like_fsdp_exports_and_resumes_bit_identically(straight
                                                                       abs=1e-6), (step, key)
     trained = FluxTransformer2DModel.from_pretrained(straight_out / "checkpoint-1" / "transformer",
                                                      local_files_only=True)
-    base = FluxTransformer2DModel.from_pretrained(tiny_models.flux.path, subfolder="transformer", local_files_only=True)
+    base = FluxTransformer2DModel.from_pretrained(tiny_models.base.path, subfolder="transformer", local_files_only=True)
     unchanged = [n for n, p in trained.named_parameters() if torch.equal(p, base.get_parameter(n))]
     assert not unchanged, unchanged[:5]
     result = _run(_cmd(tiny_models, tiny_embeddings, out, "max_steps=2", *ds,

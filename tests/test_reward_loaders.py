@@ -89,7 +89,7 @@ def test_hps_needs_no_base_weights(tiny_models, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reward_models_are_built_in_the_configured_dtype(tiny_models, dtype):
     """Every parameter and buffer in ``dtype`` (no fp32 copy kept), equal to the fp32 weights cast once."""
-    from g2rpo.rewards import build_reward
+    from g2rpo.reward_registry import build_reward
 
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     models = load_config(ModelsConfig, ROOT / "configs/models/tiny.yaml",
@@ -110,7 +110,7 @@ def test_reward_models_are_built_in_the_configured_dtype(tiny_models, dtype):
 
 
 def _paths(models):
-    return (("flux.path", models.flux.path), ("hps.base_dir", models.hps.base_dir),
+    return (("base.path", models.base.path), ("hps.base_dir", models.hps.base_dir),
             ("hps.checkpoint", models.hps.checkpoint), ("clip_score.path", models.clip_score.path),
             ("pickscore.model", models.pickscore.model), ("pickscore.processor", models.pickscore.processor))
 
@@ -157,7 +157,8 @@ def test_faithful_scores_equal_the_official_sequence(tiny_models, name, tmp_path
     from diffusers.image_processor import VaeImageProcessor
     from PIL import Image
 
-    from g2rpo.rewards import build_reward, load_clip_score_model, load_hps_model
+    from g2rpo.reward_registry import build_reward
+    from g2rpo.rewards import load_clip_score_model, load_hps_model
 
     decoded = _images(3, seed=2) * 2 - 1  # the VAE's output range
     images = (decoded / 2 + 0.5).clamp(0, 1)  # what g2rpo.models.decode_latents hands the rewards
@@ -196,7 +197,7 @@ def test_faithful_scores_equal_the_official_sequence(tiny_models, name, tmp_path
 @pytest.mark.parametrize("name", ["hps", "clip_score"])
 def test_tensor_scores_equal_the_models_own_pil_preprocessing(tiny_models, name):
     """score() on tensors vs the model's PIL transform on the same (uint8-rounded) images."""
-    from g2rpo.rewards import build_reward
+    from g2rpo.reward_registry import build_reward
 
     reward = build_reward(name, tiny_models)
     images = (_images(3) * 255).round() / 255  # representable exactly as uint8 PIL images
@@ -215,7 +216,7 @@ def test_tensor_scores_equal_the_models_own_pil_preprocessing(tiny_models, name)
 
 
 def test_scores_are_batch_invariant_and_validated(tiny_models):
-    from g2rpo.rewards import build_reward
+    from g2rpo.reward_registry import build_reward
 
     reward = build_reward("hps", tiny_models)
     images, prompts = _images(4, seed=1), ["a cat", "a dog", "a tree", "a house"]
@@ -242,13 +243,15 @@ def test_one_reward_registry_names_every_reward_everywhere(tmp_path):
 
     assert METRIC_COLUMNS == {"hps": "HPS-v2.1", "clip_score": "CLIP Score", "pickscore": "PickScore",
                               "imagereward": "ImageReward", "unifiedreward": "UnifiedReward"}
-    assert training_rewards() == ["hps", "clip_score"] and list(METRIC_COLUMNS) == list(REWARDS)
+    assert training_rewards() == ["hps", "clip_score", "pickscore"] and list(METRIC_COLUMNS) == list(REWARDS)
     assert RewardSpec("clip_score").weight == REWARDS["clip_score"].default_weight == 1.0
     assert RewardSpec("hps", -1.0).weight == -1.0
-    with pytest.raises(ValueError, match=r"name='pickscore': reward 'pickscore' \(evaluation only: pickscore cannot "
-                                         r"score inside the training step\): expected one of hps, clip_score"):
-        RewardSpec("pickscore")
-    with pytest.raises(ValueError, match="name='hpsv3': reward 'hpsv3': expected one of hps, clip_score$"):
+    with pytest.raises(ValueError, match=r"name='imagereward': reward 'imagereward' \(evaluation only: imagereward "
+                                         r"cannot score inside the training step\): expected one of hps, clip_score, "
+                                         r"pickscore"):
+        RewardSpec("imagereward")
+    assert REWARDS["pickscore"].train_scale == 1 / 26  # Flow-GRPO trains on PickScore / 26
+    with pytest.raises(ValueError, match="name='hpsv3': reward 'hpsv3': expected one of hps, clip_score, pickscore$"):
         RewardSpec("hpsv3")
     logger = MetricsLogger(tmp_path, ["hps", "clip_score"])
     logger.log(0, {"eval_reward/hps": 0.25, "eval_reward/clip_score": 0.5})
@@ -342,7 +345,7 @@ def test_image_reward_equals_the_packages_own_blip(tiny_models):
 
     from g2rpo.image_reward import CLIP_MEAN, CLIP_STD, MAX_LENGTH, MEAN, STD, build_tokenizer
     from g2rpo.io import load_state_dict_file
-    from g2rpo.rewards import build_reward
+    from g2rpo.reward_registry import build_reward
 
     med, vit = _image_reward_package()
     folder = Path(tiny_models.imagereward.checkpoint).parent

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from g2rpo.config import SamplingConfig
-from g2rpo.flow import latent_image_ids
 from g2rpo.models import load_transformer
-from g2rpo.rollout import (PromptEmbedding, VelocityField, complete_granular, expected_cost, policy_log_probs,
+from g2rpo.models.flux import PromptEmbedding
+from g2rpo.rollout import (VelocityField, complete_granular, expected_cost, policy_log_probs,
                            singular_sde_rollout)
 
 # The reference recipe's sampling at a tiny resolution (32x32 px -> 4x4 latent -> 4 tokens).
@@ -18,7 +18,7 @@ REFERENCE = SamplingConfig(num_steps=16, branch_steps=list(range(8)), granularit
 
 @pytest.fixture(scope="module")
 def transformer(tiny_models):
-    return load_transformer(tiny_models.flux.path, "float32", subfolder="transformer").eval()
+    return load_transformer(tiny_models.base.path, "float32", subfolder="transformer").eval()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_deterministic_given_the_generator(transformer, embedding, shared):
 
 
 def test_first_granularity_completion_from_the_anchor_reproduces_the_anchor(transformer, embedding, shared):
-    velocity = VelocityField(transformer, embedding, latent_image_ids(4, 4), 3.5)
+    velocity = VelocityField(transformer, embedding, (32, 32), 3.5)
     with torch.no_grad():
         for k in (0, 4, 7):
             x = shared.anchor_latents[k + 1][None]
@@ -99,7 +99,7 @@ def test_first_granularity_completion_from_the_anchor_reproduces_the_anchor(tran
 def test_granular_completion_equals_hand_rolled_ode(transformer, embedding, shared):
     """k=1, g=2: from x_2, steps 2->3->5->7->...->15; the result is x̂0 at index 13 (the last step taken)."""
     sigmas = shared.sigmas
-    velocity = VelocityField(transformer, embedding, latent_image_ids(4, 4), 3.5)
+    velocity = VelocityField(transformer, embedding, (32, 32), 3.5)
     x = shared.next_latents[:3, 1]
     with torch.no_grad():
         state = x

@@ -10,7 +10,8 @@ from conftest import ENV, ROOT, TORCHRUN
 from g2rpo.config import EngineConfig, SamplingConfig
 from g2rpo.engine import RolloutWeights
 from g2rpo.models import load_transformer
-from g2rpo.rollout import PromptEmbedding, expected_cost, singular_sde_rollout
+from g2rpo.models.flux import PromptEmbedding
+from g2rpo.rollout import expected_cost, singular_sde_rollout
 
 CFG = SamplingConfig(num_steps=6, branch_steps=[0, 3], group_size=3, height=32, width=32)
 CFG_HELPER = SamplingConfig(num_steps=6, branch_steps=[0, 2], group_size=3, height=32, width=32)  # the helper's
@@ -18,8 +19,8 @@ CFG_HELPER = SamplingConfig(num_steps=6, branch_steps=[0, 2], group_size=3, heig
 
 @pytest.fixture(scope="module")
 def model(tiny_models):
-    model = load_transformer(tiny_models.flux.path, subfolder="transformer").eval()
-    model.folder = tiny_models.flux.path
+    model = load_transformer(tiny_models.base.path, subfolder="transformer").eval()
+    model.folder = tiny_models.base.path
     return model
 
 
@@ -79,7 +80,7 @@ VARIANTS = ("fsdp:0", "deepspeed:0")
 def two_rank_rollouts(tiny_models, tmp_path_factory):
     """One 2-rank launch running every variant in turn (each engine built afresh in the same processes)."""
     out = tmp_path_factory.mktemp("rollout_weights") / "result.json"
-    cmd = [*TORCHRUN, str(ROOT / "tests/helpers/rollout_weights.py"), tiny_models.flux.path, ",".join(VARIANTS),
+    cmd = [*TORCHRUN, str(ROOT / "tests/helpers/rollout_weights.py"), tiny_models.base.path, ",".join(VARIANTS),
            str(out)]
     result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -33,7 +33,7 @@ def test_true_width_fsdp2_run_end_to_end(tiny_models, prompts, tmp_path):
           str(tmp_path / "emb"), "--max-sequence-length", "32", "--device", "cpu"])
     out = tmp_path / "run"
     train = [*TORCHRUN, "-m", "g2rpo.train", "--config", str(ROOT / "configs/tiny.yaml"), *model_overrides(tiny_models),
-             f"models.flux.path={flux}", "models.flux.dtype=bfloat16", "engine.mixed_precision=bf16",
+             f"models.base.path={flux}", "models.base.dtype=bfloat16", "engine.mixed_precision=bf16",
              f"data.index={tmp_path / 'emb/index.jsonl'}", f"output_dir={out}", "data.holdout=0", "eval_every=0",
              "sample_every=0", "sampling.num_steps=4", "sampling.branch_steps=[0]", "sampling.group_size=2",
              "checkpoint_start=0", "checkpoint_every=1"]

@@ -5,7 +5,8 @@ import hashlib
 import pytest
 import torch
 
-from g2rpo.models import load_flux_pipeline, load_transformer, load_vae
+from g2rpo.models import load_transformer, load_vae
+from g2rpo.models.flux import load_flux_pipeline
 from g2rpo.tiny import (FLUX_VAE_SCALING_FACTOR, FLUX_VAE_SHIFT_FACTOR, TINY_TRANSFORMER_CONFIG,
                         build_t5_tokenizer, prepare_tiny_checkpoints)
 
@@ -103,18 +104,18 @@ def test_pipeline_save_load_round_trip_is_exact(tiny_pipeline, tmp_path):
 
 
 def test_transformer_and_vae_loaders(tiny_pipeline, tiny_models, tmp_path):
-    _assert_same_weights(load_transformer(tiny_models.flux.path, subfolder="transformer"), tiny_pipeline.transformer)
-    _assert_same_weights(load_vae(tiny_models.flux.path), tiny_pipeline.vae)
-    bf16 = load_transformer(tiny_models.flux.path, "bfloat16", subfolder="transformer")
+    _assert_same_weights(load_transformer(tiny_models.base.path, subfolder="transformer"), tiny_pipeline.transformer)
+    _assert_same_weights(load_vae(tiny_models.base.path), tiny_pipeline.vae)
+    bf16 = load_transformer(tiny_models.base.path, "bfloat16", subfolder="transformer")
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
     # a trained transformer saved on its own is swapped into the base pipeline
-    trained = load_transformer(tiny_models.flux.path, subfolder="transformer")
+    trained = load_transformer(tiny_models.base.path, subfolder="transformer")
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01)
     trained.save_pretrained(tmp_path / "trained", safe_serialization=True)
-    pipe = load_flux_pipeline(tiny_models.flux.path, transformer_path=tmp_path / "trained")
+    pipe = load_flux_pipeline(tiny_models.base.path, transformer_path=tmp_path / "trained")
     _assert_same_weights(pipe.transformer, trained)
     _assert_same_weights(pipe.vae, tiny_pipeline.vae)
 

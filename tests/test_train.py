@@ -60,7 +60,7 @@ def test_preprocess_resumes_and_validates(tiny_pipeline, tiny_models, tmp_path, 
     from g2rpo.preprocess import run
 
     text_only = tmp_path / "flux"
-    shutil.copytree(tiny_models.flux.path, text_only, ignore=lambda d, names: [
+    shutil.copytree(tiny_models.base.path, text_only, ignore=lambda d, names: [
         n for n in names if n.endswith(".safetensors") and Path(d).name in ("transformer", "vae")])
     assert not list((text_only / "transformer").glob("*.safetensors"))
     out = tmp_path / "emb"
@@ -146,7 +146,7 @@ def test_fsdp_two_process_training(fsdp_run, tiny_models):
     for name in ("samples/step_00000.png", "samples/step_00001.png", "reward_curve.png", "config.yaml"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
-    changed, names = _changed_and_reloads(tiny_models.flux.path, out / "checkpoint-1")
+    changed, names = _changed_and_reloads(tiny_models.base.path, out / "checkpoint-1")
     assert len(changed) == len(names), f"unchanged parameters: {sorted(set(names) - set(changed))[:5]}"
 
 
@@ -257,6 +257,6 @@ def test_launcher_dry_run_prints_the_world(script, world, tiny_models, tiny_embe
     else:
         last = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 2 and re.search(r"^inputs: \d+ missing$", result.stdout, re.M), result.stderr
-        assert last.startswith("error: configs/") and "models.flux.path=ckpt/flux (no model_index.json" in last, last
+        assert last.startswith("error: configs/") and "models.base.path=ckpt/flux (no model_index.json" in last, last
     if "hps_clip" in script and "1gpu" not in script:
         assert "optimiser updates: 2408 (8 per step)" in result.stdout

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from g2rpo.config import UnifiedRewardModelConfig
-from g2rpo.rewards import build_reward
+from g2rpo.reward_registry import build_reward
 from g2rpo.tiny import TINY_JUDGE_ANSWER, random_images, write_unified_reward_folder
 from g2rpo.unified_reward import QUESTIONS, load_unified_reward, parse_score
 

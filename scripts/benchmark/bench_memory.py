@@ -107,12 +107,13 @@ def measure(args) -> None:
             return ROOT / value if value.startswith("ckpt/") else value
         return "null" if value is None else value
 
-    overrides = [f"models.{section}.{key}={local(value)}" for section, fields in to_dict(models).items()
+    sections = {name: fields for name, fields in to_dict(models).items() if isinstance(fields, dict)}  # not kind
+    overrides = [f"models.{section}.{key}={local(value)}" for section, fields in sections.items()
                  for key, value in fields.items() if key not in ("arch", "dtype")]
-    overrides += [f"models.{section}.dtype={fields['dtype']}" for section, fields in to_dict(models).items()]
-    overrides += [f"models.hps.arch={models.hps.arch}", f"models.flux.path={pipeline}",
+    overrides += [f"models.{section}.dtype={fields['dtype']}" for section, fields in sections.items()]
+    overrides += [f"models.hps.arch={models.hps.arch}", f"models.base.path={pipeline}",
                   f"data.index={workdir / 'embeddings/index.jsonl'}", f"output_dir={workdir / 'run'}",
-                  "overwrite=true", f"engine.device={args.device}", "engine.mixed_precision=bf16", "models.flux.dtype=bfloat16",
+                  "overwrite=true", f"engine.device={args.device}", "engine.mixed_precision=bf16", "models.base.dtype=bfloat16",
                   f"sampling.height={args.height}", f"sampling.width={args.height}", f"sampling.num_steps={args.num_steps}",
                   f"sampling.branch_steps=[{','.join(map(str, args.branch_steps))}]",
                   f"sampling.group_size={args.group_size}", "data.holdout=0",

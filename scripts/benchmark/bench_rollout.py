@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from g2rpo.config import ModelsConfig, SamplingConfig, load_config
-from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+from g2rpo.models.flux import PromptEmbedding
+from g2rpo.rollout import policy_log_probs, singular_sde_rollout
 from g2rpo.tiny import FLUX_DEV_TRANSFORMER_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,24 +77,24 @@ def parse_args(argv=None):
 def build(device: str, cfg: SamplingConfig):
     """(transformer, vae, reward, embedding, dtype) for the benchmark."""
     from g2rpo.models import load_transformer, load_vae
-    from g2rpo.rewards import build_reward
+    from g2rpo.reward_registry import build_reward
 
     if device == "cpu":
         from g2rpo.data import read_prompt_file
-        from g2rpo.models import load_flux_pipeline
+        from g2rpo.models.flux import load_flux_pipeline
         from g2rpo.tiny import prepare_tiny_checkpoints
 
         prepare_tiny_checkpoints(ROOT / "ckpt/tiny", read_prompt_file(ROOT / "data/example_prompts.txt"))
         models = load_config(ModelsConfig, ROOT / "configs/models/tiny.yaml",
-                             [f"{k}={ROOT / v}" for k, v in (("flux.path", "ckpt/tiny/flux"),
+                             [f"{k}={ROOT / v}" for k, v in (("base.path", "ckpt/tiny/flux"),
                                                              ("hps.base_dir", "ckpt/tiny/hps/open_clip_base"),
                                                              ("hps.checkpoint", "ckpt/tiny/hps/HPS_v2.1_compressed.pt"))])
-        pipe = load_flux_pipeline(models.flux.path)
+        pipe = load_flux_pipeline(models.base.path)
         with torch.no_grad():
             embeds, pooled, ids = pipe.encode_prompt("A red fox curled up asleep in fresh snow", None)
         embedding = PromptEmbedding.from_batched(embeds, pooled, ids)
-        transformer = load_transformer(models.flux.path, subfolder="transformer").eval()
-        return transformer, load_vae(models.flux.path), build_reward("hps", models), embedding, torch.float32
+        transformer = load_transformer(models.base.path, subfolder="transformer").eval()
+        return transformer, load_vae(models.base.path), build_reward("hps", models), embedding, torch.float32
     from diffusers import FluxTransformer2DModel
 
     from g2rpo.models import default_dtype
@@ -118,8 +119,6 @@ def timed(fn, device):
 
 
 def run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, decode_batch, policy=None):
-    from g2rpo.models import decode_latents
-
     cfg = dataclasses.replace(cfg, order=order)
     policy = transformer if policy is None else policy
     if device == "cuda":
@@ -132,7 +131,8 @@ def run_order(order, transformer, vae, reward, embedding, cfg, dtype, device, de
     latents = result.completions.flatten(0, 2)
     if vae is not None:
         batch = decode_batch if order == "shared" else 1
-        images, row["decode_s"] = timed(lambda: decode_latents(vae, latents, cfg.height, cfg.width, batch), device)
+        images, row["decode_s"] = timed(lambda: embedding.family.decode(vae, latents, cfg.height, cfg.width, batch),
+                                        device)
         prompts = ["A red fox curled up asleep in fresh snow"] * len(images)
         reward.batch_size = decode_batch if order == "shared" else 1
         _, row["reward_s"] = timed(lambda: reward.score(images, prompts), device)

@@ -6,6 +6,9 @@
 #     PROMPTS=data/hpdv2_test_prompts.txt MODELS=configs/models/flux_dev.yaml NPROC=8 \
 #     OUT=outputs/eval/g2rpo bash scripts/evaluation/run_eval.sh --height 720 --width 720
 #   LORA=outputs/g2rpo_lora_1gpu/checkpoint-300/lora ...   # a LoRA run's adapters on the base pipeline
+#   BASE=ckpt/sd35m MODELS=configs/models/sd35m.yaml LORA=outputs/sd35m_densegrpo_pickscore/checkpoint-299/lora \
+#     PROMPTS=<PickScore test prompts> NPROC=8 OUT=outputs/eval/sd35m_densegrpo bash scripts/evaluation/run_eval.sh \
+#     --height 512 --width 512 --steps 40 --metrics pickscore   # SD3.5-M: printed beside DenseGRPO's paper rows
 #
 # Extra arguments go to scripts/evaluation/evaluate.py (--steps, --guidance, --seed, --metrics, --limit ...).
 # OUT remembers what its images were made from (OUT/fingerprint.json); a run with another model, prompt
@@ -25,7 +28,7 @@ PROMPTS="${PROMPTS:-data/example_prompts.txt}"
 OUT="${OUT:-outputs/tiny/eval}"
 NPROC="${NPROC:-2}"
 extra=()
-if [ "$BASE" = "ckpt/tiny/flux" ]; then
+if [ "${BASE#ckpt/tiny/}" != "$BASE" ]; then  # a tiny pipeline (ckpt/tiny/flux, ckpt/tiny/sd3): CPU-sized
   python scripts/prepare_tiny_checkpoints.py --out ckpt/tiny >/dev/null
   extra=(--height 64 --width 64 --steps 8 --dtype float32 --device cpu --limit 16)
 fi

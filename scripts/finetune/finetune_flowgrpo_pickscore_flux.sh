@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Flow-GRPO's FLUX.1-dev recipe (configs/flowgrpo_pickscore_flux.yaml): one node of 8 GPUs, LoRA rank 32, 48 prompts
-# of 24 generations per step at 512x512 (HPS-v2.1 standing in for PickScore, see the config's header).
+# of 24 generations per step at 512x512, PickScore as the reward.
 #
 #   bash scripts/finetune/finetune_flowgrpo_pickscore_flux.sh
 #   DRY_RUN=1 bash scripts/finetune/finetune_flowgrpo_pickscore_flux.sh   # print the plan

@@ -292,11 +292,11 @@ def phase_e2e(args, result: Result) -> None:
     run_step(result, steps, "preprocess", torchrun(
         "-m", "g2rpo.preprocess", "--model", str(tiny / "flux"), "--prompts", str(ROOT / "data/example_prompts.txt"),
         "--out", str(work / "emb"), "--dtype", dtype, "--device", args.device, "--max-sequence-length", "64"), env)
-    train = ["-m", "g2rpo.train", "--config", str(ROOT / "configs/tiny.yaml"), f"models.flux.path={tiny / 'flux'}",
+    train = ["-m", "g2rpo.train", "--config", str(ROOT / "configs/tiny.yaml"), f"models.base.path={tiny / 'flux'}",
              f"models.hps.base_dir={tiny / 'hps/open_clip_base'}", f"models.hps.checkpoint={tiny / 'hps/HPS_v2.1_compressed.pt'}",
              f"models.clip_score.path={tiny / 'clip_score'}", f"data.index={work / 'emb/index.jsonl'}",
              f"output_dir={work / 'run'}", f"engine.device={args.device}",
-             f"engine.mixed_precision={'bf16' if cuda else 'fp32'}", f"models.flux.dtype={dtype}",
+             f"engine.mixed_precision={'bf16' if cuda else 'fp32'}", f"models.base.dtype={dtype}",
              "checkpoint_every=2", "checkpoint_start=2", "eval_every=2", "sample_every=2"]
     run_step(result, steps, "train 2 steps", torchrun(*train, "max_steps=2", "--overwrite"), env)
     run_step(result, steps, "resume, 1 more", torchrun(*train, "max_steps=3", "--resume", "auto"), env)

@@ -18,6 +18,7 @@ from pathlib import Path
 # repo id -> (local folder, files to fetch (glob patterns) or None for everything, patterns to skip)
 MODELS = {
     "black-forest-labs/FLUX.1-dev": ("ckpt/flux", None, ["flux1-dev.safetensors", "ae.safetensors"]),
+    "stabilityai/stable-diffusion-3.5-medium": ("ckpt/sd35m", None, ["sd3.5_medium.safetensors", "text_encoders/*"]),
     "xswu/HPSv2": ("ckpt/hps", ["HPS_v2.1_compressed.pt"], None),
     "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": ("ckpt/CLIP-ViT-H-14-laion2B-s32B-b79K", ["*.json", "*.txt"], None),
     "apple/DFN5B-CLIP-ViT-H-14": ("ckpt/clip_score", None, None),

@@ -1,4 +1,4 @@
-"""Generate images with a FLUX pipeline folder, optionally with a trained transformer swapped in.
+"""Generate images with a base-model pipeline folder (FLUX, SD3), optionally with a trained transformer swapped in.
 
     python scripts/inference/infer.py --base ckpt/flux --transformer outputs/run/checkpoint-300/transformer \
         --prompt-file data/example_prompts.txt --limit 8 --out outputs/samples
@@ -27,12 +27,12 @@ from g2rpo.checkpoint import verify_export
 from g2rpo.data import read_prompt_file
 from g2rpo.fingerprint import FINGERPRINT, check_reuse, digest, weights_identity, write_fingerprint
 from g2rpo.io import atomic_write_text, write_png
-from g2rpo.models import load_flux_pipeline, resolve_dtype
+from g2rpo.models import family_of, resolve_dtype
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", type=Path, default=Path("ckpt/flux"), help="diffusers FLUX pipeline folder")
+    p.add_argument("--base", type=Path, default=Path("ckpt/flux"), help="diffusers pipeline folder (FLUX, SD3)")
     p.add_argument("--transformer", type=Path, default=None, help="trained transformer folder (config.json + safetensors)")
     p.add_argument("--lora", type=Path, default=None, help="trained LoRA folder (a checkpoint's lora/ or lora_ema/)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -40,7 +40,8 @@ def parse_args(argv=None):
     src.add_argument("--prompt-file", type=Path, help="UTF-8 file, one prompt per line")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--steps", type=int, default=28, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev distilled guidance scale")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="FLUX: the distilled guidance scale (default 3.5); SD3: the CFG scale (default 4.5)")
     p.add_argument("--height", type=int, default=720)
     p.add_argument("--width", type=int, default=720)
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
@@ -93,17 +94,20 @@ def main(argv=None) -> None:
     prompts = prompts[: args.limit] if args.limit is not None else prompts
     check_transformer(args.transformer)
     check_transformer(args.lora)
+    family = family_of(args.base)
+    if args.guidance is None:
+        args.guidance = family.default_guidance
     claim_out(args, prompts)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load_flux_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer,
-                              lora_path=args.lora).to(device)
+    pipe = family.load_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer,
+                                lora_path=args.lora).to(device)
     pipe.set_progress_bar_config(disable=True)
 
     start = time.perf_counter()
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device).manual_seed(args.seed + index)
         image = pipe(prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-                     guidance_scale=args.guidance, generator=generator).images[0]
+                     generator=generator, **family.pipeline_kwargs(args.guidance)).images[0]
         write_png(args.out / f"{index:05d}.png", image)
         print(f"[{index + 1}/{len(prompts)}] {args.out / f'{index:05d}.png'}  {prompt[:70]}")
 

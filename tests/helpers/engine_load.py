@@ -27,7 +27,8 @@ def clip_against_plain_model(engine, folder):
     plain model's. Returns the norm difference and the largest clipped-gradient difference over ranks."""
     from g2rpo.config import SamplingConfig
     from g2rpo.models import load_transformer
-    from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+    from g2rpo.models.flux import PromptEmbedding
+    from g2rpo.rollout import policy_log_probs, singular_sde_rollout
 
     g = torch.Generator().manual_seed(0)
     embedding = PromptEmbedding(torch.randn(8, 32, generator=g), torch.randn(32, generator=g), torch.zeros(8, 3))

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from g2rpo.config import EngineConfig, OptimConfig, SamplingConfig
 from g2rpo.distributed import all_reduce, init_distributed, teardown
 from g2rpo.engine import DeepSpeedEngine, FSDPEngine
-from g2rpo.rollout import PromptEmbedding, policy_log_probs, singular_sde_rollout
+from g2rpo.models.flux import PromptEmbedding
+from g2rpo.rollout import policy_log_probs, singular_sde_rollout
 
 # every collective of torch.distributed (FSDP2 calls all_gather_single, DeepSpeed all_gather_into_tensor, ...)
 COLLECTIVES = tuple(name for name in dir(dist) if callable(getattr(dist, name)) and not name.startswith("__")
