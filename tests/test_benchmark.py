@@ -42,14 +42,35 @@ def _table(stdout: str, header: str) -> dict[str, list[str]]:
             for line in stdout.splitlines() if line.startswith("| ") and not line.startswith(f"| {header} |")}
 
 
-def test_benchmark_smoke_run_agrees_and_counts(capsys):
-    bench_rollout.main(["--smoke"])  # in process: the script is plain Python, one process
+@pytest.mark.parametrize("extra", [{}, dict(num_layers=3, dual_attention_layers=(0, 1), caption_projection_dim=64,
+                                            attention_head_dim=16)])
+@pytest.mark.parametrize("latent, text", [((8, 8), 93), ((16, 8), 40)])
+def test_flop_formula_matches_torch_flop_counter_on_sd3(extra, latent, text):
+    """SD3's joint blocks (MMDiT-X's second image attention, the last block's text stream ending at attention)."""
+    from diffusers import SD3Transformer2DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from g2rpo.tiny import TINY_SD3_TRANSFORMER_CONFIG
+
+    config = dict(TINY_SD3_TRANSFORMER_CONFIG, **extra)
+    model = SD3Transformer2DModel(**config).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(hidden_states=torch.randn(1, 16, *latent), encoder_hidden_states=torch.randn(1, text, 64),
+              pooled_projections=torch.randn(1, 64), timestep=torch.tensor([500.0]))
+    image = (latent[0] // 2) * (latent[1] // 2)
+    assert transformer_flops(config, image, text) == pytest.approx(counter.get_total_flops(), rel=5e-3)
+
+
+@pytest.mark.parametrize("model", ["flux", "sd3"])
+def test_benchmark_smoke_run_agrees_and_counts(capsys, model):
+    bench_rollout.main(["--smoke", "--model", model])  # in process: the script is plain Python, one process
     stdout = capsys.readouterr().out
     assert "reference and shared completions agree" in stdout
     rows = _table(stdout, "order")
     smoke = SamplingConfig(num_steps=8, branch_steps=[0, 1, 2], group_size=4, height=32, width=32)
     for order in ("reference", "shared"):
-        cost = expected_cost(dataclasses.replace(smoke, order=order))
+        cost = expected_cost(dataclasses.replace(smoke, order=order))  # SD3: the same calls, two rows each (CFG)
         assert [int(rows[order][0]), int(rows[order][1])] == [cost["calls"], cost["sample_forwards"]]
         assert int(rows[order][2]) == 4 * 3 * 2  # VAE decodes: N x K x G
     assert int(rows["shared"][3]) < int(rows["reference"][3])  # batched reward calls

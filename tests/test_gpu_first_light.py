@@ -56,8 +56,8 @@ def test_prepare_then_cpu_dry_run(tmp_path):
     assert wall < 120 + 10, wall
     assert f"installing {len(wheels)} carried wheels" in dry.stdout
     assert sorted(p.name for p in out.iterdir()) == ["e2e.json", "env.json", "log.txt", "lora.json", "memory.json",
-                                                       "rollout.json", "summary.md"]
-    records = {p: json.loads((out / f"{p}.json").read_text()) for p in ("env", "e2e", "rollout", "memory", "lora")}
+                                                       "rollout.json", "sd3.json", "summary.md"]
+    records = {p: json.loads((out / f"{p}.json").read_text()) for p in ("env", "e2e", "rollout", "sd3", "memory", "lora")}
     assert dry.returncode == 1  # the cut phase makes the run's exit code non-zero
     env, e2e, rollout = records["env"], records["e2e"], records["rollout"]
     assert env["status"] == "ok" and env["result"]["torch"] == torch.__version__ and env["result"]["imports"] == "ok"
@@ -71,7 +71,7 @@ def test_prepare_then_cpu_dry_run(tmp_path):
     assert res["checkpoints"] == ["checkpoint-1", "checkpoint-2"] and res["images"] == ["00000.png", "00001.png"]
     assert "verified against" in res["verified"] and res["backend"] == "gloo"
     assert rollout["status"] == "cut" and rollout["seconds"] < 3 + 6 and "log_tail" in rollout
-    assert records["memory"]["status"] == records["lora"]["status"] == "skipped"
+    assert records["sd3"]["status"] == records["memory"]["status"] == records["lora"]["status"] == "skipped"
     summary = (out / "summary.md").read_text()
     for phase, status in (("env", "ok"), ("e2e", "ok"), ("rollout", "cut"), ("memory", "skipped")):
         assert re.search(rf"^\| {phase} \| {status} \|", summary, flags=re.M), summary

@@ -5,6 +5,7 @@
     python scripts/benchmark/bench_rollout.py --device cuda   # true-size FLUX.1-dev transformer, random bf16 weights
     python scripts/benchmark/bench_rollout.py --compile       # plus our order on the torch.compiled transformer
     python scripts/benchmark/bench_rollout.py --device cuda --branch-steps 0 1 --compile --json rollout.json
+    python scripts/benchmark/bench_rollout.py --model sd3 --device cuda --skip-reference   # SD3.5-Medium, 512^2
 
 Phases: rollout (singular-SDE sampling with multi-granularity completions), decode (VAE) and reward
 (HPS-v2.1) of every completion, and the update's forwards/backwards. "reference" = the reference
@@ -15,7 +16,10 @@ calls, sample-forwards, VAE decodes, reward calls, wall time per phase, peak mem
 on CUDA also achieved TFLOP/s and MFU against --peak-tflops. ``--branch-steps`` samples fewer branching steps
 than the recipe's K = 0..7 (the rest of the recipe unchanged), for a GPU lease too short for the whole step;
 ``--json`` rewrites its file after every row, so a run cut short keeps the rows it finished. On CUDA the update
-uses activation checkpointing, as the trainer's engine does.
+uses activation checkpointing, as the trainer's engine does. ``--model sd3``: the same step on SD3 (the tiny SD3
+pipeline on CPU; SD3.5-Medium's true-size transformer with random bf16 weights on CUDA) at the SD3.5-M recipes'
+sampling -- 512x512, T = 10 on the scheduler's grid, classifier-free guidance 4.5 (two rows per sample in every
+forward), sigma*1000 unrounded -- with G2RPO's K = 0..7, G = {1, 2}, N = 12.
 """
 
 import argparse
@@ -30,7 +34,7 @@ import torch
 from g2rpo.config import ModelsConfig, SamplingConfig, load_config
 from g2rpo.models.flux import PromptEmbedding
 from g2rpo.rollout import policy_log_probs, singular_sde_rollout
-from g2rpo.tiny import FLUX_DEV_TRANSFORMER_CONFIG
+from g2rpo.tiny import FLUX_DEV_TRANSFORMER_CONFIG, SD35M_TRANSFORMER_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,11 +52,20 @@ def transformer_flops(config: dict, image_tokens: int, text_tokens: int = 512) -
     """
     d = config["num_attention_heads"] * config["attention_head_dim"]
     tokens = image_tokens + text_tokens
-    blocks = config["num_layers"] + config["num_single_layers"]
+    single = config.get("num_single_layers", 0)  # SD3: joint blocks only
+    blocks = config["num_layers"] + single
     per_token = 2 * 12 * d * d * blocks * tokens
     attention = 4 * tokens * tokens * d * blocks
-    embed = 2 * d * (image_tokens * config["in_channels"] * 2 + text_tokens * config["joint_attention_dim"])
-    modulation = 2 * d * d * (12 * config["num_layers"] + 3 * config["num_single_layers"] + 2)  # adaLN, per sample
+    dual = len(config.get("dual_attention_layers") or ())  # SD3.5's MMDiT-X: a second attention over the image
+    per_token += 2 * 4 * d * d * dual * image_tokens
+    attention += 4 * image_tokens * image_tokens * d * dual
+    if not single:  # SD3: the last joint block's text stream ends after attention (no out projection, no MLP)
+        per_token -= 2 * 9 * d * d * text_tokens
+    patch_features = config["in_channels"] * config.get("patch_size", 1) ** 2
+    embed = 2 * d * (image_tokens * patch_features * 2 + text_tokens * config["joint_attention_dim"])
+    modulation = 2 * d * d * (12 * config["num_layers"] + 3 * single + 2)  # adaLN, per sample
+    if not single:  # SD3: MMDiT-X blocks modulate 9d (not 6d) for the image; the last block's text stream 2d
+        modulation += 2 * d * d * (3 * dual - 4)
     conditioning = 2 * d * (256 + d) * (3 if config.get("guidance_embeds") else 2) \
         + 2 * d * config["pooled_projection_dim"]  # timestep, guidance and pooled-text MLPs
     return per_token + attention + embed + modulation + conditioning
@@ -71,13 +84,18 @@ def parse_args(argv=None):
     p.add_argument("--branch-steps", type=int, nargs="+", default=None,
                    help="branching steps to sample (default: the recipe's 0..7; --smoke: 0 1 2)")
     p.add_argument("--json", default=None, help="write the rows here, rewritten after each one")
+    p.add_argument("--model", choices=("flux", "sd3"), default="flux",
+                   help="flux (FLUX.1-dev / the tiny FLUX) or sd3 (SD3.5-Medium / the tiny SD3)")
     return p.parse_args(argv)
 
 
-def build(device: str, cfg: SamplingConfig):
+def build(device: str, cfg: SamplingConfig, model: str = "flux"):
     """(transformer, vae, reward, embedding, dtype) for the benchmark."""
     from g2rpo.models import load_transformer, load_vae
     from g2rpo.reward_registry import build_reward
+
+    if model == "sd3":
+        return build_sd3(device)
 
     if device == "cpu":
         from g2rpo.data import read_prompt_file
@@ -105,6 +123,42 @@ def build(device: str, cfg: SamplingConfig):
     transformer.enable_gradient_checkpointing()  # the engine's activation checkpointing (training forwards only)
     embedding = PromptEmbedding(torch.randn(512, 4096, device="cuda"), torch.randn(768, device="cuda"),
                                 torch.zeros(512, 3, device="cuda"))
+    return transformer, None, None, embedding, torch.bfloat16
+
+
+def build_sd3(device: str):
+    from g2rpo.models import load_transformer, load_vae
+    from g2rpo.models.sd3 import FAMILY, SD3Embedding
+    from g2rpo.reward_registry import build_reward
+
+    if device == "cpu":
+        from g2rpo.data import read_prompt_file
+        from g2rpo.tiny import prepare_tiny_checkpoints
+
+        prepare_tiny_checkpoints(ROOT / "ckpt/tiny", read_prompt_file(ROOT / "data/example_prompts.txt"),
+                                 only=("sd3", "hps", "clip_score"))
+        models = load_config(ModelsConfig, ROOT / "configs/models/tiny_sd3.yaml",
+                             [f"{k}={ROOT / v}" for k, v in (("base.path", "ckpt/tiny/sd3"),
+                                                             ("hps.base_dir", "ckpt/tiny/hps/open_clip_base"),
+                                                             ("hps.checkpoint", "ckpt/tiny/hps/HPS_v2.1_compressed.pt"))])
+        pipe = FAMILY.load_pipeline(models.base.path)
+        with torch.no_grad():
+            prompt, negative = (FAMILY.encode(pipe, [text], "cpu", 16)[0] for text in
+                                ("A red fox curled up asleep in fresh snow", ""))
+        transformer = load_transformer(models.base.path, subfolder="transformer").eval()
+        return (transformer, load_vae(models.base.path), build_reward("hps", models),
+                FAMILY.conditioning(prompt, negative), torch.float32)
+    from diffusers import SD3Transformer2DModel
+
+    from g2rpo.models import default_dtype
+
+    torch.manual_seed(0)
+    with torch.device("cuda"), default_dtype(torch.bfloat16):
+        transformer = SD3Transformer2DModel(**SD35M_TRANSFORMER_CONFIG).eval()
+    transformer.enable_gradient_checkpointing()
+    text = 77 + FAMILY.max_sequence_length  # CLIP-L/G's 77 positions + T5's 128
+    embedding = SD3Embedding(torch.randn(text, 4096, device="cuda"), torch.randn(2048, device="cuda"),
+                             torch.randn(text, 4096, device="cuda"), torch.randn(2048, device="cuda"))
     return transformer, None, None, embedding, torch.bfloat16
 
 
@@ -158,16 +212,22 @@ def main(argv=None):
     if args.smoke:
         cfg = SamplingConfig(num_steps=8, branch_steps=args.branch_steps or [0, 1, 2], group_size=4, height=32, width=32)
     else:
-        height = args.height or (64 if device == "cpu" else 720)
+        height = args.height or (64 if device == "cpu" else 512 if args.model == "sd3" else 720)
         cfg = SamplingConfig(height=height, width=height)  # the reference: T=16, K=0..7, G={1,2}, N=12
         if args.branch_steps:
             cfg = dataclasses.replace(cfg, branch_steps=args.branch_steps)
-    transformer, vae, reward, embedding, dtype = build(device, cfg)
+    if args.model == "sd3":  # the SD3.5-M recipes' sampling
+        cfg = dataclasses.replace(cfg, num_steps=10 if not args.smoke else cfg.num_steps, guidance=4.5,
+                                  grid="scheduler", timestep="exact")
+    transformer, vae, reward, embedding, dtype = build(device, cfg, args.model)
     tokens = (cfg.height // 16) * (cfg.width // 16)
     config = dict(transformer.config)
-    flops = transformer_flops(config, tokens)
+    text_tokens = embedding.prompt_embeds.shape[0]
+    rows_per_sample = embedding.family.rows_per_sample(cfg.guidance)  # 2 under classifier-free guidance
+    flops = transformer_flops(config, tokens, text_tokens) * rows_per_sample
     params = sum(p.numel() for p in transformer.parameters())
-    report = {"device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+    report = {"device": device, "model": args.model, "rows_per_sample": rows_per_sample,
+              "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
               "height": cfg.height, "width": cfg.width, "image_tokens": tokens, "num_steps": cfg.num_steps,
               "branch_steps": cfg.branch_steps, "granularities": cfg.granularities, "group_size": cfg.group_size,
               "params": params, "forward_tflop_per_sample": flops / 1e12, "peak_tflops": args.peak_tflops,

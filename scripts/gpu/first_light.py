@@ -10,6 +10,8 @@ Phases, in order of value (``--phases`` picks some; ``--limit rollout=200`` chan
   on CUDA: preprocess, train 2 steps with a checkpoint, resume for 1 more, verify the last export, sample from it.
 * ``rollout``: ``bench_rollout.py`` -- true-size FLUX.1-dev with random bf16 weights at 720², the reference order
   against ours, eager and torch.compiled (CPU: its tiny smoke run).
+* ``sd3``: ``bench_rollout.py --model sd3`` -- one G2RPO step (rollout and update, K = {0, 1}) on SD3.5-Medium's
+  true-size transformer with random bf16 weights at 512², T = 10, classifier-free guidance 4.5 (CPU: the tiny SD3).
 * ``memory``: ``bench_memory.py`` at FLUX.1-dev's true widths with 1+1, 2+1 and 1+2 blocks (run side by side on
   one GPU: each process's own allocator peak is what is read, so they do not disturb each other), scaled to
   19 + 38 blocks.
@@ -21,7 +23,7 @@ Each phase runs in its own process group, limited to the smaller of its limit an
 killed and recorded as ``cut``, one that would start with under MIN_START_S left is ``skipped``. After every phase
 ``OUT/<phase>.json`` (status, seconds, limit, command, and what the phase measured, as far as it got) and
 ``OUT/summary.md`` (every phase so far) are rewritten, so a run cut anywhere keeps what it did; ``OUT/log.txt``
-holds every phase's output. That is 7 files: the device tool returns at most 8.
+holds every phase's output. That is 8 files, what the device tool returns at most.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PHASES = {"env": 30, "e2e": 120, "rollout": 180, "memory": 120, "lora": 180}  # phase -> default limit, seconds
+PHASES = {"env": 30, "e2e": 120, "rollout": 180, "sd3": 90, "memory": 120, "lora": 180}  # phase -> limit, seconds
 MIN_START_S = 10
 KILL_GRACE_S = 5
 TINY_PARTS = ("flux", "hps", "clip_score")  # what training reads
@@ -333,6 +335,22 @@ def phase_rollout(args, result: Result) -> None:
         raise SystemExit(f"bench_rollout.py failed (rc {rc})")
 
 
+def phase_sd3(args, result: Result) -> None:
+    """One G2RPO step's rollout and update on SD3.5-Medium's true-size transformer (random bf16 weights) at the
+    SD3.5-M recipes' sampling: 512x512, T = 10, classifier-free guidance 4.5 (K = {0, 1} to fit the lease)."""
+    cmd = [sys.executable, str(ROOT / "scripts/benchmark/bench_rollout.py"), "--model", "sd3", "--device", args.device,
+           "--json", str(args.work / "sd3.bench.json")]
+    cmd += ["--branch-steps", "0", "1", "--skip-reference"] if args.device == "cuda" else ["--smoke", "--skip-reference"]
+    result.set(command=" ".join(cmd[1:]))
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        rc = proc.wait()
+    finally:
+        result.set(bench=read_json(args.work / "sd3.bench.json"))
+    if rc:
+        raise SystemExit(f"bench_rollout.py --model sd3 failed (rc {rc})")
+
+
 def memory_run(args, double: int, single: int, threads: int, extra: list[str] = ()) -> tuple[list[str], Path, dict]:
     tag = f"d{double}s{single}" + ("_lora" if extra else "")
     cuda = args.device == "cuda"
@@ -402,7 +420,8 @@ def phase_lora(args, result: Result) -> None:
         raise SystemExit(f"bench_memory.py (LoRA recipe) failed (rc {rc})")
 
 
-RUNNERS = {"env": phase_env, "e2e": phase_e2e, "rollout": phase_rollout, "memory": phase_memory, "lora": phase_lora}
+RUNNERS = {"env": phase_env, "e2e": phase_e2e, "rollout": phase_rollout, "sd3": phase_sd3, "memory": phase_memory,
+           "lora": phase_lora}
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,10 +519,10 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
-HEADLINES = {"env": _env_headline, "e2e": _e2e_headline, "rollout": _rollout_headline, "memory": _memory_headline,
-             "lora": _lora_headline}
+HEADLINES = {"env": _env_headline, "e2e": _e2e_headline, "rollout": _rollout_headline, "sd3": _rollout_headline,
+             "memory": _memory_headline, "lora": _lora_headline}
 TABLES = {"env": lambda r: [f"```\n{json.dumps(r, indent=1)}\n```"], "e2e": lambda r: [],
-          "rollout": _rollout_table, "memory": _memory_tables,
+          "rollout": _rollout_table, "sd3": _rollout_table, "memory": _memory_tables,
           "lora": lambda r: _memory_table(r["run"]) if r.get("run") else []}
 
 
