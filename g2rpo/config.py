@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 # re-exported: ``from g2rpo.config import load_config, ModelsConfig, ...`` stays the one import
 from g2rpo.config_loading import apply_overrides, attribute_error, from_dict, load_config, to_dict  # noqa: F401
@@ -104,19 +105,36 @@ class SamplingConfig:
 @dataclass
 class RewardSpec:
     name: str = "hps"
-    """reward model that can train (g2rpo.reward_registry): hps | clip_score | pickscore."""
+    """the reward: a registry name that can train (g2rpo.reward_registry: hps | clip_score | pickscore), a factory
+    ``package.module:factory`` (importable from the working directory or an installed package), or ``http`` (a
+    reward server); g2rpo.reward_plugins, README "Add a reward"."""
     weight: float | None = None
     """weight of this reward's advantage term in the MGAI sum; unset: the registry's default (1, the reference's)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """a factory's keyword arguments (it is called as factory(device=..., **args)); http: url, timeout_s,
+    batch_size, retries, backoff_s, format (png | jpeg), jpeg_quality."""
+    label: str | None = None
+    """its name in the logs (reward/<label>, <label>_reward.txt); default: the registry name, the factory's
+    ``name`` attribute or its module's last part, or http."""
 
     def __post_init__(self):
-        from g2rpo.reward_registry import reward_entry
-
         try:
-            entry = reward_entry(self.name, training=True)
+            entry = self.entry()
         except ValueError as exc:
             raise ValueError(f"rewards: name={self.name!r}: {exc}") from None
         if self.weight is None:
             self.weight = entry.default_weight
+
+    def entry(self):
+        """The reward's `g2rpo.reward_registry.RewardEntry` (a registry row, or one made for a factory or a server)."""
+        from g2rpo.reward_plugins import resolve
+
+        return resolve(self.name, self.args, self.label, training=True)
+
+    @property
+    def key(self) -> str:
+        """The reward's name in the logs and metrics."""
+        return self.entry().name
 
 
 @dataclass
@@ -463,7 +481,7 @@ class TrainConfig:
             from g2rpo.reward_registry import training_rewards
 
             raise ValueError(f"rewards is empty: name at least one reward ({', '.join(training_rewards())})")
-        names = [r.name for r in self.rewards]
+        names = [r.key for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rewards {names}: each reward may appear once")
         if self.max_steps < 1:

@@ -52,7 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=Path, required=True, help="UTF-8 prompt file, one per line")
     p.add_argument("--models-config", type=Path, default=Path("configs/models/flux_dev.yaml"),
                    help="where the reward models live (configs/models/*.yaml)")
-    p.add_argument("--metrics", default=",".join(METRIC_COLUMNS), help="comma-separated: " + ",".join(METRIC_COLUMNS))
+    p.add_argument("--metrics", default=",".join(METRIC_COLUMNS),
+                   help="comma-separated: " + ",".join(METRIC_COLUMNS) + ", and your own as extra columns: "
+                   "package.module:factory or http (README \"Add a reward\")")
+    p.add_argument("--reward-args", default="{}",
+                   help="JSON: {metric: {argument: value}} for the extra metrics (a factory's arguments; http: url...)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--score-batch-size", type=int, default=8, help="images per reward call")
     p.add_argument("--steps", type=int, default=16)
@@ -67,9 +71,31 @@ def parse_args(argv=None):
                    help="delete the images, scores and summary already in --out before generating")
     args = p.parse_args(argv)
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    unknown = [m for m in args.metrics if m not in METRIC_COLUMNS]
+    try:
+        reward_args = json.loads(args.reward_args)
+    except ValueError as exc:
+        p.error(f"--reward-args {args.reward_args!r}: not JSON ({exc})")
+    if not isinstance(reward_args, dict) or not all(isinstance(v, dict) for v in reward_args.values()):
+        p.error(f"--reward-args {args.reward_args!r}: expected a JSON object of objects, {{metric: {{arg: value}}}}")
+    unknown = [m for m in args.metrics if m not in METRIC_COLUMNS and not (":" in m or m == "http")]
     if unknown or not args.metrics:
-        p.error(f"--metrics {unknown or '(empty)'}: choose from {', '.join(METRIC_COLUMNS)}")
+        p.error(f"--metrics {unknown or '(empty)'}: choose from {', '.join(METRIC_COLUMNS)}, or name your own "
+                f"(package.module:factory, http)")
+    from g2rpo.reward_plugins import resolve
+
+    args.extra = {}  # label -> RewardEntry of the metrics outside the registry: extra columns
+    for metric in [m for m in args.metrics if m not in METRIC_COLUMNS]:
+        try:
+            entry = resolve(metric, reward_args.get(metric))
+        except ValueError as exc:
+            p.error(f"--metrics {metric}: {exc}")
+        if entry.name in METRIC_COLUMNS or entry.name in args.extra:
+            p.error(f"--metrics {metric}: its name {entry.name!r} is taken; give the factory another name")
+        args.extra[entry.name] = entry
+    stray = sorted(set(reward_args) - set(args.metrics))
+    args.metrics = [m for m in args.metrics if m in METRIC_COLUMNS] + list(args.extra)
+    if stray:
+        p.error(f"--reward-args {stray}: not among --metrics")
     if args.score_batch_size < 1:
         p.error(f"--score-batch-size {args.score_batch_size}: expected >= 1")
     return args
@@ -79,12 +105,13 @@ def summarize(records: list[dict], metrics: list[str]) -> list[dict]:
     """Per metric, in the paper's column order: mean, sample std and n over the records that have a score, and
     how many do not (``unscored``: a judge's answer without a score is NaN, left out as the reference does)."""
     rows = []
-    for name in (m for m in METRIC_COLUMNS if m in metrics):
+    extra = [m for m in metrics if m not in METRIC_COLUMNS]  # your own rewards: columns after the paper's, by name
+    for name in [*(m for m in METRIC_COLUMNS if m in metrics), *extra]:
         values = np.array([r[name] for r in records], dtype=np.float64)  # null -> NaN
         scored = values[np.isfinite(values)]
         mean = float(scored.mean()) if len(scored) else float("nan")
         std = float(scored.std(ddof=1)) if len(scored) > 1 else float("nan")
-        rows.append({"metric": METRIC_COLUMNS[name], "mean": mean, "std": std, "n": len(scored),
+        rows.append({"metric": METRIC_COLUMNS.get(name, name), "mean": mean, "std": std, "n": len(scored),
                      "unscored": len(values) - len(scored)})
     return rows
 
@@ -132,8 +159,8 @@ def paper_comparison_markdown(rows: list[dict], label: str = "this evaluation", 
     paper = PAPER_TABLES[table]
     ours = {}
     for row in rows:
-        name = next(n for n, column in METRIC_COLUMNS.items() if column == row["metric"])
-        if row["n"]:
+        name = next((n for n, column in METRIC_COLUMNS.items() if column == row["metric"]), None)
+        if name is not None and row["n"]:  # an extra column of your own reward has no paper value
             ours[name] = row["mean"]
     lines = ["| | " + " | ".join(c[0] for c in paper.columns) + " |", "|---|" + "---|" * len(paper.columns)]
     lines += [f"| {method} (paper) | " + " | ".join(f"{v:.3f}" for v in values) + " |"
@@ -264,7 +291,12 @@ def evaluate(argv=None) -> None:
         args.guidance = family.default_guidance
     prompts = read_prompt_file(args.prompts)[: args.limit]
     models = load_config(ModelsConfig, args.models_config)
-    missing = missing_inputs(args.metrics, models)
+    missing = missing_inputs([m for m in args.metrics if m in METRIC_COLUMNS], models)
+    servers = [problem for problem in (entry.check() for entry in args.extra.values()) if problem]
+    if servers:
+        from g2rpo.http_reward import RewardServerError
+
+        raise RewardServerError(servers[0])
     if missing:  # before any image is generated
         raise FileNotFoundError(f"{args.models_config}: not found: {'; '.join(missing)}; download them (README \"Real "
                                 f"models\"), point the models config at them, or leave those metrics out (--metrics)")
@@ -287,7 +319,8 @@ def evaluate(argv=None) -> None:
             write_png(images_dir / f"{i:05d}.png", image)
         del pipe
 
-    rewards = {name: build_reward(name, models, info.device) for name in args.metrics}
+    rewards = {name: args.extra[name].build(models, info.device) if name in args.extra else
+               build_reward(name, models, info.device) for name in args.metrics}
     records = []
     for start in range(0, len(mine), args.score_batch_size):
         chunk = mine[start:start + args.score_batch_size]
@@ -310,7 +343,7 @@ def evaluate(argv=None) -> None:
                    + paper_comparison_markdown(rows, f"this evaluation ({args.out.name})", family.paper_table))
         atomic_write_text(args.out / "summary.md", summary)
         atomic_write_text(args.out / "summary.csv", summary_csv(rows))
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "extra"}
         atomic_write_text(args.out / "settings.json", json.dumps({**settings, "world_size": info.world_size,
                                                                    "num_prompts": len(prompts)}, indent=2) + "\n")
         write_png_grid(args.out / "grid.png", torch.cat([_load_png(args.out / r["image"]) for r in merged[:16]]))

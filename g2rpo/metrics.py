@@ -15,11 +15,15 @@ from g2rpo.reward_registry import REWARDS
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, reward_names: list[str], enabled: bool = True, purge_step: int | None = None):
-        """``purge_step``: the step a resumed run continues from (TensorBoard drops the events from it on)."""
+    def __init__(self, out_dir: str | Path, reward_names: list[str], enabled: bool = True, purge_step: int | None = None,
+                 log_files: dict[str, str] | None = None):
+        """``purge_step``: the step a resumed run continues from (TensorBoard drops the events from it on);
+        ``log_files``: each reward's per-step text log (default: the registry's)."""
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.reward_names = reward_names
+        self.log_files = {name: (log_files or {}).get(name) or (REWARDS[name].log_file if name in REWARDS
+                                                                else f"{name}_reward.txt") for name in reward_names}
         self.history: list[dict] = []
         self.heldout: list[dict] = []
         self.writer = None
@@ -44,7 +48,7 @@ class MetricsLogger:
         for name in self.reward_names:
             key = f"eval_reward/{name}" if f"eval_reward/{name}" in record else f"reward/{name}"
             if key in record:
-                with open(self.out_dir / REWARDS[name].log_file, "a", encoding="utf-8") as f:
+                with open(self.out_dir / self.log_files[name], "a", encoding="utf-8") as f:
                     f.write(f"{step} {record[key]:.6f}\n")
 
     def truncate(self, step: int) -> None:

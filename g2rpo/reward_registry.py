@@ -9,7 +9,9 @@
 | ``unifiedreward`` | UnifiedReward | no (evaluation only: a VLM judge that writes its score) | ``unifiedreward_reward.txt`` | ``models.unifiedreward`` |
 
 A reward is anything with ``score(images [B, 3, H, W] in [0, 1], prompts) -> Tensor[B]`` (`Reward`); `build_reward`
-builds one by name. To add one: a loader in g2rpo.rewards, its paths in ``ModelsConfig``, and a row here. This
+builds one by name. To add one to the package: a loader in g2rpo.rewards, its paths in ``ModelsConfig``, and a row
+here; to bring your own without editing the package, a factory by import path or a reward server
+(g2rpo.reward_plugins, README "Add a reward"). This
 module imports no model library (the loaders import theirs when called), so the config can check names without
 loading torch.
 """
@@ -44,6 +46,8 @@ class RewardEntry:
     """factor from our score to the G²RPO paper's table units (PickScore: the paper prints logit_scale·cos / 100)."""
     train_scale: float = 1.0
     """factor from our score to the reward a training run optimises and logs (PickScore: / 26, Flow-GRPO's)."""
+    check: Callable[[], str | None] = lambda: None
+    """``check() -> problem or None``: what must answer before long work starts (a reward server's health)."""
 
 
 def _hps(models, device):

@@ -99,7 +99,7 @@ def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
         f"per step: {cfg.data.prompts_per_rank} prompt group(s) per rank, {groups} in all, "
         f"{s.group_size} generations each at {s.height}x{s.width}",
         f"sampling: T={s.num_steps} ({s.grid} grid), shift={s.shift}, eta={s.eta}, {sampling}, order={s.order}",
-        f"rewards: {', '.join(f'{r.name} (weight {r.weight})' for r in cfg.rewards)}",
+        f"rewards: {', '.join(f'{r.key} (weight {r.weight})' + ('' if r.key == r.name else f' = {r.name}') for r in cfg.rewards)}",
         f"steps: {cfg.max_steps}, optimiser updates: {cfg.max_steps * k} ({k} per step), lr {cfg.optim.lr}, "
         f"clip_range {cfg.ppo.clip_range}",
         f"advantages: {cfg.advantage.std} std over the {cfg.advantage.std_over} + {cfg.advantage.eps:g}, "
@@ -131,7 +131,7 @@ def input_problems(cfg: TrainConfig) -> list[str]:
     models, a ψ table (``DRY_RUN`` checks them before anything starts)."""
     from pathlib import Path
 
-    from g2rpo.reward_registry import missing_inputs
+    from g2rpo.reward_registry import REWARDS, missing_inputs
 
     problems = [] if (Path(cfg.models.base.path) / "model_index.json").is_file() else [
         f"models.base.path={cfg.models.base.path} (no model_index.json: not a diffusers pipeline folder)"]
@@ -139,7 +139,9 @@ def input_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"data.index={cfg.data.index} (run the preprocessing launcher)")
     if cfg.trajectory.noise == "psi" and not Path(cfg.dense.psi_table).is_file():
         problems.append(f"dense.psi_table={cfg.dense.psi_table} (scripts/densegrpo/calibrate_psi.py writes it)")
-    return problems + missing_inputs([r.name for r in cfg.rewards], cfg.models)
+    registry = [r.name for r in cfg.rewards if r.name in REWARDS]
+    checks = [problem for problem in (r.entry().check() for r in cfg.rewards) if problem]  # reward servers
+    return problems + missing_inputs(registry, cfg.models) + checks
 
 
 def main(argv=None) -> None:

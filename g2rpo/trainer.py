@@ -34,7 +34,7 @@ from g2rpo.methods import build_method
 from g2rpo.metrics import MetricsLogger
 from g2rpo.models import family_of, load_vae, release_memory, transformer_config
 from g2rpo.models.base import Conditioning
-from g2rpo.reward_registry import REWARDS, build_reward
+from g2rpo.http_reward import HttpReward, RewardServerError
 from g2rpo.rollout import ode_sample
 from g2rpo.rundir import RunLock, append_history, clear_run, describe_run, run_files
 
@@ -100,6 +100,10 @@ class Trainer:
         self.data_identity = broadcast_object(agreed(lambda: checkpoint.data_identity(cfg.data.index)
                                                      if info.is_main else None))
         self.resume_from, self.resume_step, self.resume_changes = broadcast_object(agreed(self._claim_output_dir))
+        entries = [spec.entry() for spec in cfg.rewards]
+        problems = broadcast_object(agreed(lambda: [p for p in (e.check() for e in entries) if p] if info.is_main else []))
+        if problems:  # a reward server that does not answer: refused before any model is loaded
+            raise RewardServerError(problems[0])
         self.family = family_of(cfg.models.base.path, cfg.models.kind)
         config = transformer_config(cfg.models.base.path)
         dataset = agreed(lambda: EmbeddingDataset(cfg.data.index, config, self.family))
@@ -111,11 +115,11 @@ class Trainer:
         self.engine = build_engine(cfg, info, cfg.max_steps * self.method.updates_per_step(), meter.mark)
         self.vae = load_vae(cfg.models.base.path, cfg.models.base.dtype).to(device).eval().requires_grad_(False)
         self.rewards = {}
-        for spec in cfg.rewards:
-            self.rewards[spec.name] = build_reward(spec.name, cfg.models, device)
+        for entry in entries:
+            self.rewards[entry.name] = entry.build(cfg.models, device)
             release_memory()
         meter.mark("vae+rewards")
-        self.reward_scales = torch.tensor([REWARDS[spec.name].train_scale for spec in cfg.rewards])  # PickScore: / 26
+        self.reward_scales = torch.tensor([entry.train_scale for entry in entries])  # PickScore: / 26
         self.reward_weights = torch.tensor([spec.weight for spec in cfg.rewards])
         if cfg.advantage.normalize_weights:  # MixGRPO: the weights sum to 1 (in magnitude: a negated twin stays negated)
             self.reward_weights = self.reward_weights / self.reward_weights.abs().sum()
@@ -124,7 +128,7 @@ class Trainer:
         self.io_group = io_group(cfg.io_timeout_minutes)
         self.parts = checkpoint.Parts(self.engine, self.state, to_dict(cfg), self.data_identity)
         self.logger = MetricsLogger(self.out_dir, list(self.rewards), enabled=info.is_main,
-                                    purge_step=self.resume_step)
+                                    purge_step=self.resume_step, log_files={e.name: e.log_file for e in entries})
         self._report_startup_memory(dict(meter.phases))
 
     def _claim_output_dir(self) -> tuple[str | None, int, list[str]] | None:
@@ -188,15 +192,33 @@ class Trainer:
 
     def score(self, groups: list[Group]) -> None:
         """Decode the method's images of every group (G²RPO: every completion and the anchor's final latent)
-        and score them with every reward."""
+        and score them with every reward. A reward server that stops answering on any rank raises
+        `_RewardsUnavailable` on every rank (`fit` then stops with a checkpoint)."""
         s = self.cfg.sampling
+        failure = None
         for group in groups:
             latents = self.method.score_latents(group.rollout)
             images = self.family.decode(self.vae, latents, s.height, s.width, self.cfg.decode_batch_size)
             prompts = [group.caption] * len(images)
-            scores = torch.stack([reward.score(images, prompts) for reward in self.rewards.values()]).cpu()
+            try:
+                scores = torch.stack([reward.score(images, prompts) for reward in self.rewards.values()]).cpu()
+            except RewardServerError as exc:
+                failure = str(exc)
+                break
             scores = scores * self.reward_scales[:, None] if (self.reward_scales != 1).any() else scores
             self.method.assign_scores(group, scores, images)
+        self._agree_on_rewards(failure)
+
+    def _agree_on_rewards(self, failure: str | None) -> None:
+        """With a reward server among the rewards (the only ones that fail by design): every rank learns whether
+        any rank's server failed (one collective per scoring phase; none without a server)."""
+        if not any(isinstance(reward, HttpReward) for reward in self.rewards.values()):
+            if failure:
+                raise _RewardsUnavailable(failure)
+            return
+        failures = [f for f in all_gather_object(failure) if f]
+        if failures:
+            raise _RewardsUnavailable(failures[0])
 
     def advantages(self, groups: list[Group]) -> list[torch.Tensor]:
         """Per group, the advantage of every trained transition (G²RPO: MGAI, ``[N, K]``)."""
@@ -346,11 +368,17 @@ class Trainer:
                     samples.append((latent, caption))
         totals = torch.zeros(len(self.rewards))
         count = torch.zeros(())
+        failure = None
         for latent, caption in samples:  # decoded and scored outside the policy's autocast
             image = self.family.decode(self.vae, latent[None], s.height, s.width)
-            totals += torch.stack([reward.score(image, [caption])[0].cpu() for reward in self.rewards.values()]) \
-                * self.reward_scales
+            try:
+                totals += torch.stack([reward.score(image, [caption])[0].cpu() for reward in self.rewards.values()]) \
+                    * self.reward_scales
+            except RewardServerError as exc:
+                failure = str(exc)
+                break
             count += 1
+        self._agree_on_rewards(failure)
         totals, count = all_reduce(totals, "sum"), all_reduce(count, "sum")
         return {name: (totals[i] / count).item() for i, name in enumerate(self.rewards)}
 
@@ -421,10 +449,14 @@ class Trainer:
                        dynamic_ncols=True, initial=self.state.step, total=self.cfg.max_steps)
             with stop.installed():
                 if self._eval_due(self.state.step) and not broadcast_object(self.logger.has_heldout(self.state.step)):
-                    self.logger.log_heldout(self.state.step, self.heldout_rewards())
+                    self._log_heldout()
                 for step in bar:
                     rng = checkpoint.rng_state()
-                    metrics = self.train_step(step, requested)
+                    try:
+                        metrics = self.train_step(step, requested)
+                    except _RewardsUnavailable as exc:  # the step is abandoned: the state is still that after step - 1
+                        checkpoint.set_rng_state(rng)
+                        self._stop_for_rewards(str(exc), step - 1, f"step {step} abandoned")
                     if metrics is None:  # stopped before updating: the state is still that after step - 1
                         checkpoint.set_rng_state(rng)
                         self._stop(stop.signal, step - 1, f"step {step} abandoned before its update")
@@ -436,13 +468,32 @@ class Trainer:
                     if requested():
                         self._stop(stop.signal, step, f"after step {step}")
                     if self._eval_due(self.state.step):
-                        self.logger.log_heldout(self.state.step, self.heldout_rewards())
+                        self._log_heldout()
                     if self.should_checkpoint(step):
                         self.save_checkpoint(step)
             self.logger.close()
             return self.state
         finally:
             self.close()
+
+    def _log_heldout(self) -> None:
+        """The held-out evaluation after ``state.step`` steps, logged; a reward server that stops answering stops the
+        run with a checkpoint of the last completed step (the evaluation runs again on resume)."""
+        try:
+            self.logger.log_heldout(self.state.step, self.heldout_rewards())
+        except _RewardsUnavailable as exc:
+            self._stop_for_rewards(str(exc), self.state.step - 1, f"the held-out evaluation after step "
+                                                                  f"{self.state.step - 1}")
+
+    def _stop_for_rewards(self, message: str, last_step: int, where: str) -> None:
+        """Leave a committed checkpoint of ``last_step`` (unless one exists), then raise `RewardServerError`: one
+        line naming the server, where the run stopped and how to go on."""
+        if last_step >= 0 and self.saved_step != last_step:
+            self.save_checkpoint(last_step)
+        self.logger.close()
+        saved = f"checkpoint-{last_step} written" if last_step >= 0 else "no step completed, nothing to save"
+        raise RewardServerError(f"{message}; stopped at {where}, {saved}; once the server answers, run the same "
+                                f"command again (--resume auto, the launchers' default) to continue")
 
     def _stop(self, signum: int | None, last_step: int, where: str) -> None:
         """Leave a committed checkpoint of ``last_step`` (the last completed step), then raise `Interrupted`."""
@@ -464,6 +515,10 @@ class Interrupted(Exception):
     def __init__(self, signum: int, where: str = ""):
         super().__init__(f"stopped by signal {signal.Signals(signum).name} ({where})")
         self.exit_code = 128 + int(signum)
+
+
+class _RewardsUnavailable(Exception):
+    """Internal: a reward server failed on some rank during a scoring phase (every rank raises it together)."""
 
 
 class _StopFlag:

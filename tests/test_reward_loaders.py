@@ -251,7 +251,8 @@ def test_one_reward_registry_names_every_reward_everywhere(tmp_path):
                                          r"pickscore"):
         RewardSpec("imagereward")
     assert REWARDS["pickscore"].train_scale == 1 / 26  # Flow-GRPO trains on PickScore / 26
-    with pytest.raises(ValueError, match="name='hpsv3': reward 'hpsv3': expected one of hps, clip_score, pickscore$"):
+    with pytest.raises(ValueError, match=r"name='hpsv3': reward 'hpsv3': expected one of hps, clip_score, pickscore, "
+                                         r"http \(a reward server\) or package.module:factory \(your own\)$"):
         RewardSpec("hpsv3")
     logger = MetricsLogger(tmp_path, ["hps", "clip_score"])
     logger.log(0, {"eval_reward/hps": 0.25, "eval_reward/clip_score": 0.5})
