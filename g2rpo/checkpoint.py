@@ -456,6 +456,25 @@ def purge(output_dir: Path, keep_last: int) -> list[Path]:
     return removed
 
 
+BEST = "best.json"  # a run's pointer to its best checkpoint by eval.best_by (g2rpo.trainer, g2rpo.hacking)
+
+
+def resolve_best(path: str | Path | None, part: str = "transformer") -> Path | None:
+    """``<output_dir>/best`` -> the ``part`` (transformer, transformer_ema, lora, lora_ema) of the checkpoint that
+    ``<output_dir>/best.json`` names; any other path as it is."""
+    if path is None:
+        return None
+    path = Path(path)
+    pointer = path.parent / BEST
+    if path.name != "best" or path.exists() or not pointer.is_file():
+        return path
+    try:
+        best = json.loads(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"{pointer}: not a best-checkpoint pointer ({exc})") from None
+    return path.parent / best / part
+
+
 def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     """``""`` -> fresh start; ``auto`` -> latest committed (None if none); a path -> that checkpoint (must exist)."""
     if not resume:

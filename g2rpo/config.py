@@ -422,6 +422,42 @@ class EMAConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The held-out evaluation (every ``eval_every`` steps) as a watch for reward hacking (README "Watching for reward
+    hacking"): the trained rewards (in-domain) beside rewards the run is not trained on (out-of-domain), a fixed-seed
+    sample strip, a detector over the history, the best checkpoint by a named criterion."""
+
+    rewards: list[str] | None = None
+    """the rewards scored: registry names or package.module:factory; unset: every registry reward whose files are
+    present (UnifiedReward only when named). Those not trained on are logged as out-of-domain (heldout_ood/...)."""
+    batch_size: int = 8
+    """images decoded and scored per call."""
+    reward_device: str = "device"
+    """where the out-of-domain rewards live and score: device (the training device) | cpu (off the GPU, slower)."""
+    strip: int = 4
+    """held-out prompts in the sample strip (the same prompts and noise at every evaluation; samples/heldout/); 0: none."""
+    window: int = 2
+    """the detector: consecutive evaluations an out-of-domain reward must stay below its start..."""
+    margin: float = 0.5
+    """...by more than this many of its start's standard deviations (across the held-out prompts), while the
+    in-domain rewards are above theirs: a hacking flag (g2rpo.hacking)."""
+    stop_on_hacking: bool = False
+    """stop the run (with a checkpoint) at the evaluation where the detector fires."""
+    best_by: str = ""
+    """keep a pointer to the best checkpoint (output_dir/best.json; inference and evaluation take <output_dir>/best):
+    ood (the mean of the out-of-domain z-scores), a held-out reward's name (its mean), or "" (none)."""
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.strip < 0 or self.window < 1 or self.margin < 0:
+            raise ValueError(f"eval.batch_size={self.batch_size}, strip={self.strip}, window={self.window}, "
+                             f"margin={self.margin}: expected batch_size >= 1, strip >= 0, window >= 1, margin >= 0")
+        if self.reward_device not in ("device", "cpu"):
+            raise ValueError(f"eval.reward_device={self.reward_device!r}: expected device or cpu")
+        if self.rewards is not None and len(set(self.rewards)) != len(self.rewards):
+            raise ValueError(f"eval.rewards {self.rewards}: each reward may appear once")
+
+
+@dataclass
 class TrainConfig:
     method: str = "g2rpo"
     """g2rpo | dancegrpo | flowgrpo | mixgrpo | densegrpo (g2rpo.methods; README "Methods")."""
@@ -438,6 +474,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     max_steps: int = 301
     """training steps; each is one rollout per group and one optimiser update per branching step."""
     seed: int = 42
@@ -596,7 +633,7 @@ RESUME_MAY_CHANGE = (
     "output_dir",
     "optim.lr", "optim.max_grad_norm", "optim.lr_scheduler", "optim.warmup_steps",
     "engine.fsdp_sharding", "engine.activation_checkpointing", "engine.device", "engine.load_strategy",
-    "engine.rollout_weights", "engine.compile_rollout", "ema.device", "ema.eval", "lora.export_merged",
+    "engine.rollout_weights", "engine.compile_rollout", "ema.device", "ema.eval", "lora.export_merged", "eval.",
     "sampling.order", "sampling.micro_batch", "trajectory.micro_batch",
     "data.index",  # the path; the content is compared on its own (g2rpo.checkpoint)
     "models.base.path", "models.hps.base_dir", "models.hps.checkpoint", "models.clip_score.path", "models.pickscore.",

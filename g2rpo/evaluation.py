@@ -47,7 +47,7 @@ class EvaluationError(Refusal, RuntimeError):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate and score images for the evaluation table")
     p.add_argument("--base", type=Path, required=True, help="diffusers pipeline folder of the base model (FLUX, SD3)")
-    p.add_argument("--transformer", type=Path, default=None, help="trained transformer folder (default: the base's)")
+    p.add_argument("--transformer", type=Path, default=None, help="trained transformer folder (default: the base's), or <output_dir>/best (the checkpoint eval.best_by chose)")
     p.add_argument("--lora", type=Path, default=None, help="trained LoRA folder (a checkpoint's lora/ or lora_ema/)")
     p.add_argument("--prompts", type=Path, required=True, help="UTF-8 prompt file, one per line")
     p.add_argument("--models-config", type=Path, default=Path("configs/models/flux_dev.yaml"),
@@ -70,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="delete the images, scores and summary already in --out before generating")
     args = p.parse_args(argv)
+    from g2rpo.checkpoint import resolve_best
+
+    args.transformer, args.lora = resolve_best(args.transformer), resolve_best(args.lora, "lora")  # <run>/best
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     try:
         reward_args = json.loads(args.reward_args)

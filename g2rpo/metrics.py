@@ -76,11 +76,15 @@ class MetricsLogger:
         """Whether a held-out evaluation after ``step`` completed steps is logged (rank 0 knows)."""
         return any(record["step"] == step for record in self.heldout)
 
-    def log_heldout(self, step: int, rewards: dict[str, float]) -> None:
-        """Held-out evaluation (``step`` = optimiser steps taken so far): JSONL, TensorBoard, heldout_reward.txt."""
+    def log_heldout(self, step: int, rewards: dict[str, float], hacking: list[str] | None = None) -> None:
+        """Held-out evaluation (``step`` = optimiser steps taken so far): JSONL, TensorBoard, heldout_reward.txt;
+        ``hacking``: the out-of-domain rewards the detector flags there (g2rpo.hacking), logged as ``hacking``."""
         if not self.enabled:
             return
         record = {"step": step, **{f"heldout/{k}": v for k, v in rewards.items()}}
+        if hacking is not None:
+            record["hacking"] = list(hacking)
+            self.writer.add_scalar("heldout/hacking_flags", len(hacking), step)
         self.heldout.append(record)
         with open(self.out_dir / "heldout.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -88,6 +92,17 @@ class MetricsLogger:
             f.write(f"{step} " + " ".join(f"{k}={v:.6f}" for k, v in rewards.items()) + "\n")
         for key, value in rewards.items():
             self.writer.add_scalar(f"heldout/{key}", value, step)
+
+    def save_strip(self, step: int, images: list[torch.Tensor]) -> Path | None:
+        """The held-out sample strip (the same prompts and noise at every evaluation; uint8 ``[3, H, W]`` each) ->
+        samples/heldout/step-XXXXX.png, and TensorBoard's images."""
+        if not self.enabled or not images:
+            return None
+        stacked = torch.stack(images).float() / 255
+        path = self.out_dir / "samples" / "heldout" / f"step-{step:05d}.png"
+        write_png_grid(path, stacked, columns=len(images))
+        self.writer.add_images("heldout/strip", stacked, step)
+        return path
 
     def save_grid(self, step: int, images: torch.Tensor) -> Path | None:
         """A PNG grid of images ``[M, 3, H, W]`` in [0, 1] -> samples/step_XXXXX.png."""

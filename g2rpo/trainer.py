@@ -22,7 +22,8 @@ import yaml
 
 from g2rpo.config import TrainConfig, checkpoint_due, to_dict
 from g2rpo.data import EmbeddingDataset, GroupSchedule
-from g2rpo import checkpoint
+from g2rpo import checkpoint, hacking
+from g2rpo.checkpoint import BEST
 from g2rpo.cli import Refusal
 from g2rpo.distributed import (DistInfo, agreed, all_gather_object, all_reduce, any_rank, broadcast_object, io_group,
                                print0)
@@ -69,6 +70,21 @@ class TrainState:
 
 class NonFiniteError(Refusal, RuntimeError):
     """Too many non-finite updates in a row: the run stops with a message naming the fix."""
+
+
+def out_of_domain_rewards(cfg: TrainConfig, trained: list[str]) -> list:
+    """The `RewardEntry`s the held-out evaluation scores beside the trained ones: ``eval.rewards`` (registry names or
+    import paths), or every registry reward whose files are present but UnifiedReward; those trained on left out."""
+    from g2rpo.reward_plugins import resolve
+    from g2rpo.reward_registry import REWARDS, missing_inputs
+
+    names = cfg.eval.rewards
+    if names is None:
+        names = [n for n in REWARDS if n != "unifiedreward" and not missing_inputs([n], cfg.models)]
+    elif missing := missing_inputs([n for n in names if n in REWARDS], cfg.models):
+        raise FileNotFoundError(f"eval.rewards: not found: {'; '.join(missing)}")
+    entries = [resolve(name) for name in names]
+    return [entry for entry in entries if entry.name not in trained]
 
 
 def group_seed(seed: int, position: int) -> int:
@@ -118,6 +134,13 @@ class Trainer:
         for entry in entries:
             self.rewards[entry.name] = entry.build(cfg.models, device)
             release_memory()
+        self.eval_rewards = {}  # out-of-domain: scored only by the held-out evaluation
+        if cfg.eval_every:
+            eval_device = torch.device("cpu") if cfg.eval.reward_device == "cpu" else device
+            for entry in out_of_domain_rewards(cfg, [e.name for e in entries]):
+                self.eval_rewards[entry.name] = entry.build(cfg.models, eval_device)
+                release_memory()
+        self.strip_images = []
         meter.mark("vae+rewards")
         self.reward_scales = torch.tensor([entry.train_scale for entry in entries])  # PickScore: / 26
         self.reward_weights = torch.tensor([spec.weight for spec in cfg.rewards])
@@ -350,13 +373,17 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, dataset: EmbeddingDataset, seed: int = 0) -> dict[str, float]:
-        """Mean reward of deterministic (ODE) samples of every prompt in ``dataset`` (same noise per prompt).
+    def evaluate(self, dataset: EmbeddingDataset, seed: int = 0, strip: int = 0) -> dict[str, float]:
+        """Rewards of deterministic (ODE) samples of every prompt in ``dataset`` (prompt i from seed ``seed + i``):
+        ``{name: mean}`` of the trained rewards (as trained), ``{"ood/<name>": mean}`` of the out-of-domain ones
+        (``eval.rewards`` not trained on; their own units), and ``{"std/<key>": std}`` across the prompts. Decoded
+        and scored ``eval.batch_size`` at a time. ``strip``: the images of the first ``strip`` prompts are kept in
+        ``self.strip_images`` (rank 0) for the sample strip.
 
         Collective under FSDP/DeepSpeed: every rank must call it (prompts are split across ranks).
         """
         s, world = self.cfg.sampling, self.info.world_size
-        samples = []  # (latent, caption)
+        samples = []  # (index, latent, caption)
         with self.engine.rollout_policy() as policy:
             # every rank samples equally often (sharded weights gather on every forward, so the ranks' forwards
             # must match); a rank past the end re-samples the last prompt and drops the result
@@ -365,35 +392,49 @@ class Trainer:
                 latent = ode_sample(policy, embedding.to(self.info.device), s, torch.Generator().manual_seed(seed + i),
                                     self.info.device)
                 if i < len(dataset):
-                    samples.append((latent, caption))
-        totals = torch.zeros(len(self.rewards))
-        count = torch.zeros(())
-        failure = None
-        for latent, caption in samples:  # decoded and scored outside the policy's autocast
-            image = self.family.decode(self.vae, latent[None], s.height, s.width)
+                    samples.append((i, latent, caption))
+        rewards = {**self.rewards, **{f"ood/{name}": r for name, r in self.eval_rewards.items()}}
+        scales = {**dict(zip(self.rewards, self.reward_scales.tolist())), **{f"ood/{n}": 1.0 for n in self.eval_rewards}}
+        scores, kept, failure = [], [], None  # scores: per prompt {key: value}
+        size = self.cfg.eval.batch_size
+        for start in range(0, len(samples), size):  # decoded and scored outside the policy's autocast
+            chunk = samples[start:start + size]
+            images = self.family.decode(self.vae, torch.stack([latent for _, latent, _ in chunk]), s.height, s.width,
+                                        size)
+            captions = [caption for _, _, caption in chunk]
             try:
-                totals += torch.stack([reward.score(image, [caption])[0].cpu() for reward in self.rewards.values()]) \
-                    * self.reward_scales
+                values = {key: reward.score(images, captions).cpu().float() * scales[key]
+                          for key, reward in rewards.items()}
             except RewardServerError as exc:
                 failure = str(exc)
                 break
-            count += 1
+            scores += [{key: v[j].item() for key, v in values.items()} for j in range(len(chunk))]
+            kept += [(i, (images[j] * 255).round().byte().cpu()) for j, (i, _, _) in enumerate(chunk) if i < strip]
         self._agree_on_rewards(failure)
-        totals, count = all_reduce(totals, "sum"), all_reduce(count, "sum")
-        return {name: (totals[i] / count).item() for i, name in enumerate(self.rewards)}
+        everyone = [row for part in all_gather_object(scores) for row in part]
+        strip_parts = all_gather_object(kept) if strip else []
+        self.strip_images = [image for _, image in sorted(x for part in strip_parts for x in part)]
+        result = {}
+        for key in rewards:
+            values = torch.tensor([row[key] for row in everyone], dtype=torch.float64)
+            result[key] = values.mean().item()
+            result[f"std/{key}"] = values.std().item() if len(values) > 1 else 0.0
+        return result
 
     def heldout_rewards(self) -> dict[str, float]:
         """`evaluate` on the held-out prompts; with an EMA and ``ema.eval``, also with the averaged weights swapped
         in (``ema_<reward>``; the trained weights are back bit for bit afterwards). Collective."""
-        rewards = self.evaluate(self.heldout)
+        rewards = self.evaluate(self.heldout, strip=self.cfg.eval.strip)
         ema = self.engine.ema
         if ema is not None and self.cfg.ema.eval:
             if ema.updates == 0:  # the average is still the initial weights: the same samples
                 averaged = dict(rewards)
             else:
+                strip = self.strip_images
                 with ema.swapped_in():
                     averaged = self.evaluate(self.heldout)
-            rewards.update({f"ema_{name}": value for name, value in averaged.items()})
+                self.strip_images = strip  # the strip shows the trained weights
+            rewards.update({f"ema_{name}": value for name, value in averaged.items() if not name.startswith("std/")})
         return rewards
 
     # ---------------------------------------------------------------- checkpoints and the loop
@@ -471,19 +512,72 @@ class Trainer:
                         self._log_heldout()
                     if self.should_checkpoint(step):
                         self.save_checkpoint(step)
+                        self._update_best(step)
             self.logger.close()
+            self._write_report()
             return self.state
         finally:
             self.close()
 
     def _log_heldout(self) -> None:
-        """The held-out evaluation after ``state.step`` steps, logged; a reward server that stops answering stops the
-        run with a checkpoint of the last completed step (the evaluation runs again on resume)."""
+        """The held-out evaluation after ``state.step`` steps: logged with its sample strip and the hacking detector's
+        flags (g2rpo.hacking; ``eval.stop_on_hacking`` stops the run there, with a checkpoint). A reward server that
+        stops answering stops the run with a checkpoint of the last completed step (the evaluation runs again on
+        resume)."""
+        step, e = self.state.step, self.cfg.eval
         try:
-            self.logger.log_heldout(self.state.step, self.heldout_rewards())
+            rewards = self.heldout_rewards()
         except _RewardsUnavailable as exc:
-            self._stop_for_rewards(str(exc), self.state.step - 1, f"the held-out evaluation after step "
-                                                                  f"{self.state.step - 1}")
+            self._stop_for_rewards(str(exc), step - 1, f"the held-out evaluation after step {step - 1}")
+        record = {"step": step, **{f"heldout/{k}": v for k, v in rewards.items()}}
+        fired = broadcast_object(hacking.flags([*self.logger.heldout, record], e.window, e.margin)
+                                 if self.info.is_main else None)
+        self.logger.log_heldout(step, rewards, fired)
+        self.logger.save_strip(step, self.strip_images)
+        if fired:
+            print0(f"warning: reward hacking flagged after {step} steps: {', '.join(fired)} below their start by more "
+                   f"than {e.margin} std for {e.window} evaluations while the trained rewards rose (g2rpo.hacking)")
+            if e.stop_on_hacking:
+                last = step - 1
+                if last >= 0 and self.saved_step != last:
+                    self.save_checkpoint(last)
+                    self._update_best(last)
+                self.logger.close()
+                self._write_report()
+                raise HackingDetected(f"eval.stop_on_hacking: reward hacking flagged after {step} steps ({', '.join(fired)}"
+                                      f" fell while the trained rewards rose); checkpoint-{last} written"
+                                      + self._best_note())
+
+    def _update_best(self, step: int) -> None:
+        """Rank 0, after checkpoint ``step`` was committed: point ``best.json`` at it when its held-out evaluation (after
+        ``step + 1`` steps) beats the pointer's by ``eval.best_by`` (g2rpo.hacking.criterion)."""
+        by = self.cfg.eval.best_by
+        if not by or not self.info.is_main:
+            return
+        record = next((r for r in self.logger.heldout if r["step"] == step + 1), None)
+        value = hacking.criterion(self.logger.heldout, record, by) if record else None
+        if value is None:
+            return
+        path = self.out_dir / BEST
+        if path.is_file():
+            current = json.loads(path.read_text())
+            if current.get("by") == by and current["value"] >= value:
+                return
+        atomic_write_text(path, json.dumps({"checkpoint": f"checkpoint-{step}", "step": step, "by": by,
+                                            "value": value}, indent=1) + "\n")
+
+    def _write_report(self) -> None:
+        if self.info.is_main:
+            from g2rpo.report import write_report
+
+            print0(f"report: {write_report(self.out_dir)}")
+
+    def _best_note(self) -> str:
+        path = self.out_dir / BEST
+        if not self.cfg.eval.best_by or not path.is_file():
+            return ""
+        best = json.loads(path.read_text())
+        return f"; the best by {best['by']}: {best['checkpoint']} ({self.out_dir / 'best'} for inference)"
 
     def _stop_for_rewards(self, message: str, last_step: int, where: str) -> None:
         """Leave a committed checkpoint of ``last_step`` (unless one exists), then raise `RewardServerError`: one
@@ -515,6 +609,10 @@ class Interrupted(Exception):
     def __init__(self, signum: int, where: str = ""):
         super().__init__(f"stopped by signal {signal.Signals(signum).name} ({where})")
         self.exit_code = 128 + int(signum)
+
+
+class HackingDetected(Refusal, RuntimeError):
+    """``eval.stop_on_hacking``: the run stopped where the detector fired, with a checkpoint."""
 
 
 class _RewardsUnavailable(Exception):

@@ -16,7 +16,7 @@ VENV="${G2RPO_VENV:-$ROOT/.venv}"
 [ -x "$VENV/bin/python" ] || { echo "no environment at $VENV; run: bash env_setup.sh" >&2; exit 1; }
 export PATH="$VENV/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 
-python scripts/prepare_tiny_checkpoints.py --out ckpt/tiny --only flux hps clip_score  # run_eval.sh builds the rest
+python scripts/prepare_tiny_checkpoints.py --out ckpt/tiny --only flux hps clip_score pickscore imagereward  # the held-out evaluation scores pickscore and imagereward too (out-of-domain); run_eval.sh builds the rest
 MODEL=ckpt/tiny/flux PROMPTS=data/example_prompts.txt OUT=data/tiny_embeddings GPUS=2 DTYPE=float32 \
   bash scripts/preprocess/preprocess_flux_rl_embeddings.sh --device cpu --max-sequence-length 64
 OVERWRITE=1 bash scripts/finetune/finetune_g2rpo_tiny.sh  # the main job always starts afresh

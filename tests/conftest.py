@@ -101,7 +101,12 @@ def tiny_pipeline(tiny_models):
 def model_overrides(models: ModelsConfig) -> list[str]:
     """Dotted overrides pointing a training config's models at the session's tiny checkpoints."""
     return [f"models.base.path={models.base.path}", f"models.hps.base_dir={models.hps.base_dir}",
-            f"models.hps.checkpoint={models.hps.checkpoint}", f"models.clip_score.path={models.clip_score.path}"]
+            f"models.hps.checkpoint={models.hps.checkpoint}", f"models.clip_score.path={models.clip_score.path}",
+            # the held-out evaluation's out-of-domain rewards (eval.rewards: every one whose files are present)
+            f"models.pickscore.model={models.pickscore.model}", f"models.pickscore.processor={models.pickscore.processor}",
+            f"models.imagereward.checkpoint={models.imagereward.checkpoint}",
+            f"models.imagereward.med_config={models.imagereward.med_config}",
+            f"models.imagereward.tokenizer={models.imagereward.tokenizer}"]
 
 
 # A 2-update step of the tiny config (T = 4, K = 2, N = 4), no samples or held-out evaluation, exact checkpoints.
@@ -148,7 +153,8 @@ def tiny_sd3_models(tiny_ckpt) -> ModelsConfig:
     config = load_config(ModelsConfig, path)
     overrides = []
     for section, key in (("base", "path"), ("hps", "base_dir"), ("hps", "checkpoint"), ("clip_score", "path"),
-                         ("pickscore", "model"), ("pickscore", "processor")):
+                         ("pickscore", "model"), ("pickscore", "processor"), ("imagereward", "checkpoint"),
+                         ("imagereward", "med_config"), ("imagereward", "tokenizer")):
         value = getattr(getattr(config, section), key)
         overrides.append(f"{section}.{key}={tiny_ckpt / value.removeprefix('ckpt/tiny/')}")
     return load_config(ModelsConfig, path, overrides)

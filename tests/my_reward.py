@@ -27,3 +27,11 @@ def judge(device):
 
 
 judge.trains = False
+
+
+def darkness(device):
+    """The opposite taste (images near black), an out-of-domain reward that a brightness-hacking run must hurt."""
+    return Brightness(0.0, device)
+
+
+darkness.name = "darkness"

@@ -64,7 +64,7 @@ def test_average_equals_the_hand_computed_one_and_is_exported(tiny_models, tiny_
 
     live = _live(trainer)
     rewards = trainer.heldout_rewards()
-    assert set(rewards) == {"hps", "clip_score", "ema_hps", "ema_clip_score"}
+    assert set(rewards) == {"hps", "clip_score", "ema_hps", "ema_clip_score", "std/hps", "std/clip_score"}
     assert rewards["ema_hps"] != rewards["hps"]
     assert all(torch.equal(p, live[n]) for n, p in _live(trainer).items())
     with trainer.engine.ema.swapped_in():
@@ -76,7 +76,7 @@ def test_off_by_default_and_refused_where_it_cannot_work(tiny_models, tiny_embed
     assert trainer.engine.ema is None and trainer.cfg.ema.decay == 0
     trainer.fit()
     assert not (tmp_path / "run/checkpoint-0/transformer_ema").exists()
-    assert set(trainer.heldout_rewards()) == {"hps", "clip_score"}
+    assert set(trainer.heldout_rewards()) == {"hps", "clip_score", "std/hps", "std/clip_score"}
     with pytest.raises(ValueError, match=r"ema.decay=1.0: expected 0 \(off\) or a value in \(0, 1\)"):
         load_config(TrainConfig, ROOT / "configs/tiny.yaml", ["ema.decay=1.0"])
     with pytest.raises(ValueError, match="ema.decay=0.9 needs engine.kind=fsdp"):

@@ -33,7 +33,8 @@ from g2rpo.models import family_of, resolve_dtype
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", type=Path, default=Path("ckpt/flux"), help="diffusers pipeline folder (FLUX, SD3)")
-    p.add_argument("--transformer", type=Path, default=None, help="trained transformer folder (config.json + safetensors)")
+    p.add_argument("--transformer", type=Path, default=None, help="trained transformer folder (config.json + safetensors), or <output_dir>/best "
+                   "(the checkpoint eval.best_by chose)")
     p.add_argument("--lora", type=Path, default=None, help="trained LoRA folder (a checkpoint's lora/ or lora_ema/)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("outputs/inference"), help="output folder")
     p.add_argument("--overwrite", action="store_true", help="delete the images an earlier run left in --out first")
     args = p.parse_args(argv)
+    from g2rpo.checkpoint import resolve_best
+
+    args.transformer, args.lora = resolve_best(args.transformer), resolve_best(args.lora, "lora")  # <run>/best
     if args.steps < 1:
         p.error(f"--steps {args.steps}: must be >= 1")
     if args.height % 16 or args.width % 16 or args.height <= 0 or args.width <= 0:
