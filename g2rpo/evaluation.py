@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--reward-args", default="{}",
                    help="JSON: {metric: {argument: value}} for the extra metrics (a factory's arguments; http: url...)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--base-after-step", type=int, default=None,
+                   help="MixGRPO's hybrid sampling: the trained model for the first K steps, the base for the rest")
     p.add_argument("--score-batch-size", type=int, default=8, help="images per reward call")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--guidance", type=float, default=None, help="default: the base model's (FLUX 3.5, SD3 CFG 4.5)")
@@ -73,6 +75,8 @@ def parse_args(argv=None):
     from g2rpo.checkpoint import resolve_best
 
     args.transformer, args.lora = resolve_best(args.transformer), resolve_best(args.lora, "lora")  # <run>/best
+    if args.base_after_step is not None and (args.base_after_step < 0 or (args.transformer is None) == (args.lora is None)):
+        p.error(f"--base-after-step {args.base_after_step}: needs K >= 0 and exactly one of --transformer, --lora")
     args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     try:
         reward_args = json.loads(args.reward_args)
@@ -220,6 +224,8 @@ def image_fingerprint(args, prompts: list[str]) -> dict:
     }
     if args.lora is not None:  # only then, so that the fingerprints of evaluations without one stay valid
         identity["lora"] = weights_identity(args.lora)
+    if args.base_after_step is not None:  # likewise
+        identity["sampling"]["base_after_step"] = args.base_after_step
     return identity
 
 
@@ -315,10 +321,16 @@ def evaluate(argv=None) -> None:
                                     lora_path=args.lora)
         pipe = pipe.to(info.device)
         pipe.set_progress_bar_config(disable=True)
+        from g2rpo.hybrid import hybrid
+        from g2rpo.models import load_transformer
+
+        base = (load_transformer(args.base, resolve_dtype(args.dtype), subfolder="transformer").to(info.device).eval()
+                if args.base_after_step is not None and args.transformer is not None else None)
         for i in todo:
             generator = torch.Generator(info.device).manual_seed(args.seed + i)
-            image = pipe(prompts[i], height=args.height, width=args.width, num_inference_steps=args.steps,
-                         generator=generator, **family.pipeline_kwargs(args.guidance)).images[0]
+            with hybrid(pipe, args.base_after_step, base) as switch:
+                image = pipe(prompts[i], height=args.height, width=args.width, num_inference_steps=args.steps,
+                             generator=generator, **family.pipeline_kwargs(args.guidance), **switch).images[0]
             write_png(images_dir / f"{i:05d}.png", image)
         del pipe
 

@@ -133,3 +133,75 @@ def test_infer_refuses_a_corrupted_or_uncommitted_export(tiny_models, tmp_path, 
     assert f"{plain}: not a g2rpo checkpoint export; used as a plain diffusers folder (not verified)" \
         in capsys.readouterr().out
     assert (tmp_path / "out/00000.png").is_file()
+
+
+def test_hybrid_sampling_is_the_trained_model_then_the_base(tiny_pipeline, tiny_models, tmp_path):
+    """--base-after-step 2 of 4 steps (MixGRPO's hybrid sampling) == the trained pipeline's latents after 2 steps,
+    continued by the base pipeline over the last 2 sigmas of the same schedule; and differs from either alone."""
+    from diffusers import FluxTransformer2DModel
+
+    trained = FluxTransformer2DModel.from_pretrained(tiny_models.base.path, subfolder="transformer",
+                                                     local_files_only=True)
+    with torch.no_grad():  # a "trained" model: the base, moved
+        for param in trained.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    trained.save_pretrained(tmp_path / "trained")
+    prompt, size = "A red panda napping on a tree branch", dict(height=64, width=64)
+    result = subprocess.run([*INFER, "--base", tiny_models.base.path, "--transformer", str(tmp_path / "trained"),
+                             "--prompt", prompt, "--steps", "4", "--base-after-step", "2", "--seed", "5", "--dtype",
+                             "float32", "--device", "cpu", "--height", "64", "--width", "64", "--out",
+                             str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = np.asarray(Image.open(tmp_path / "out/00000.png"))
+    base_transformer = tiny_pipeline.transformer
+    captured = {}
+
+    def keep(pipe, step, timestep, tensors):
+        if step == 1:
+            captured["latents"] = tensors["latents"].clone()
+        return tensors
+
+    try:
+        tiny_pipeline.transformer = trained
+        trained_alone = tiny_pipeline(prompt, num_inference_steps=4, guidance_scale=3.5, callback_on_step_end=keep,
+                                      generator=torch.Generator().manual_seed(5), **size).images[0]
+    finally:
+        tiny_pipeline.transformer = base_transformer
+    sigmas = list(np.linspace(1.0, 1 / 4, 4)[2:])  # FluxPipeline's own grid, its last two points (shifted by it)
+    expected = tiny_pipeline(prompt, sigmas=sigmas, latents=captured["latents"], guidance_scale=3.5, **size).images[0]
+    np.testing.assert_array_equal(written, np.asarray(expected))
+    base_alone = tiny_pipeline(prompt, num_inference_steps=4, guidance_scale=3.5,
+                               generator=torch.Generator().manual_seed(5), **size).images[0]
+    assert not np.array_equal(written, np.asarray(trained_alone)) and not np.array_equal(written, np.asarray(base_alone))
+    refused = subprocess.run([*INFER, "--base", tiny_models.base.path, "--prompt", prompt, "--base-after-step", "2"],
+                             cwd=tmp_path, capture_output=True, text=True)
+    assert refused.returncode == 2 and "exactly one of --transformer, --lora" in refused.stderr
+
+
+@pytest.mark.parametrize("after, off_at", [(2, 1), (0, None), (9, "never")])
+def test_hybrid_switch_with_a_lora_turns_the_adapters_off_after_k_steps_and_back_on(after, off_at):
+    """With --lora the switch is diffusers' disable_lora once K steps are done (K = 0: before the first), and
+    enable_lora when the image is finished; no second model."""
+    from g2rpo.hybrid import hybrid
+
+    class Pipe:
+        transformer = object()
+
+        def __init__(self):
+            self.calls = []
+
+        def disable_lora(self):
+            self.calls.append(("off", self.step))
+
+        def enable_lora(self):
+            self.calls.append(("on", self.step))
+
+    pipe = Pipe()
+    pipe.step = None
+    with hybrid(pipe, after) as switch:
+        for step in range(4):  # what the pipeline does: denoise step `step`, then call back
+            pipe.step = step
+            switch["callback_on_step_end"](pipe, step, 0.0, {})
+        pipe.step = "end"
+    expected = [] if off_at == "never" else [("off", off_at)]
+    assert pipe.calls == [*expected, ("on", "end")]

@@ -26,6 +26,7 @@ import torch
 from g2rpo.checkpoint import verify_export
 from g2rpo.data import read_prompt_file
 from g2rpo.fingerprint import FINGERPRINT, check_reuse, digest, weights_identity, write_fingerprint
+from g2rpo.hybrid import hybrid
 from g2rpo.io import atomic_write_text, write_png
 from g2rpo.models import family_of, resolve_dtype
 
@@ -40,6 +41,9 @@ def parse_args(argv=None):
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--prompt-file", type=Path, help="UTF-8 file, one prompt per line")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--base-after-step", type=int, default=None,
+                   help="MixGRPO's hybrid sampling: the trained model for the first K steps, the base for the rest "
+                        "(with --lora: the adapters off; with --transformer: the base's transformer beside it)")
     p.add_argument("--steps", type=int, default=28, help="sampling steps")
     p.add_argument("--guidance", type=float, default=None,
                    help="FLUX: the distilled guidance scale (default 3.5); SD3: the CFG scale (default 4.5)")
@@ -56,6 +60,9 @@ def parse_args(argv=None):
     args.transformer, args.lora = resolve_best(args.transformer), resolve_best(args.lora, "lora")  # <run>/best
     if args.steps < 1:
         p.error(f"--steps {args.steps}: must be >= 1")
+    if args.base_after_step is not None and (args.base_after_step < 0 or (args.transformer is None) == (args.lora is None)):
+        p.error(f"--base-after-step {args.base_after_step}: needs K >= 0 and exactly one of --transformer, --lora "
+                f"(the trained model to switch from)")
     if args.height % 16 or args.width % 16 or args.height <= 0 or args.width <= 0:
         p.error(f"--height/--width {args.height}x{args.width}: must be positive multiples of 16 (VAE x8, 2x2 packing)")
     return args
@@ -80,6 +87,8 @@ def claim_out(args, prompts: list[str]) -> None:
                 "lora": weights_identity(args.lora) if args.lora else None,
                 "sampling": {"steps": args.steps, "guidance": args.guidance, "height": args.height,
                              "width": args.width, "seed": args.seed, "dtype": args.dtype}}
+    if args.base_after_step is not None:  # only then, so that the fingerprints of plain runs stay valid
+        expected["sampling"]["base_after_step"] = args.base_after_step
     earlier = sorted(args.out.glob("*.png")) + [args.out / name for name in OUTPUTS if (args.out / name).is_file()]
     if args.overwrite:
         for path in earlier:
@@ -106,12 +115,18 @@ def main(argv=None) -> None:
     pipe = family.load_pipeline(args.base, resolve_dtype(args.dtype), transformer_path=args.transformer,
                                 lora_path=args.lora).to(device)
     pipe.set_progress_bar_config(disable=True)
+    base = None
+    if args.base_after_step is not None and args.transformer is not None:
+        from g2rpo.models import load_transformer
+
+        base = load_transformer(args.base, resolve_dtype(args.dtype), subfolder="transformer").to(device).eval()
 
     start = time.perf_counter()
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device).manual_seed(args.seed + index)
-        image = pipe(prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-                     generator=generator, **family.pipeline_kwargs(args.guidance)).images[0]
+        with hybrid(pipe, args.base_after_step, base) as switch:
+            image = pipe(prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
+                         generator=generator, **family.pipeline_kwargs(args.guidance), **switch).images[0]
         write_png(args.out / f"{index:05d}.png", image)
         print(f"[{index + 1}/{len(prompts)}] {args.out / f'{index:05d}.png'}  {prompt[:70]}")
 
