@@ -458,6 +458,39 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where rank 0's logs go besides metrics.jsonl / heldout.jsonl (always written): TensorBoard (the default) and
+    Weights & Biases (optional; ``pip install wandb``)."""
+
+    tensorboard: bool = True
+    """TensorBoard scalars and sample strips in output_dir/tensorboard."""
+    wandb: bool = False
+    """also log every scalar, the held-out sample strips and the config to a W&B run (its files in output_dir/wandb).
+    The run's id is kept in output_dir/wandb_run.json, so a resumed run continues the same W&B run."""
+    wandb_project: str = "g2rpo"
+    wandb_entity: str = ""
+    """the W&B team or user ("": your default entity)."""
+    wandb_name: str = ""
+    """the run's display name ("": output_dir's folder name)."""
+    wandb_mode: str = "online"
+    """online (needs ``wandb login`` or WANDB_API_KEY) | offline (nothing leaves the machine; upload later with
+    ``wandb sync <output_dir>/wandb/offline-run-*``)."""
+    wandb_tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.wandb_mode not in ("online", "offline"):
+            raise ValueError(f"logging.wandb_mode={self.wandb_mode!r}: expected online or offline")
+        if self.wandb:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("logging.wandb=true needs the wandb package, which is not installed: pip install "
+                                 "wandb (or set logging.wandb=false)")
+            if not self.wandb_project:
+                raise ValueError("logging.wandb_project is empty: name the W&B project to log to")
+
+
+@dataclass
 class TrainConfig:
     method: str = "g2rpo"
     """g2rpo | dancegrpo | flowgrpo | mixgrpo | densegrpo (g2rpo.methods; README "Methods")."""
@@ -475,6 +508,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     max_steps: int = 301
     """training steps; each is one rollout per group and one optimiser update per branching step."""
     seed: int = 42
@@ -634,6 +668,7 @@ RESUME_MAY_CHANGE = (
     "optim.lr", "optim.max_grad_norm", "optim.lr_scheduler", "optim.warmup_steps",
     "engine.fsdp_sharding", "engine.activation_checkpointing", "engine.device", "engine.load_strategy",
     "engine.rollout_weights", "engine.compile_rollout", "ema.device", "ema.eval", "lora.export_merged", "eval.",
+    "logging.",
     "sampling.order", "sampling.micro_batch", "trajectory.micro_batch",
     "data.index",  # the path; the content is compared on its own (g2rpo.checkpoint)
     "models.base.path", "models.hps.base_dir", "models.hps.checkpoint", "models.clip_score.path", "models.pickscore.",

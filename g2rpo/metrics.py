@@ -5,20 +5,75 @@ appended one whole line at a time."""
 from __future__ import annotations
 
 import io
+import secrets
 import json
 from pathlib import Path
 
 import torch
 
+from g2rpo.cli import Refusal
 from g2rpo.io import atomic_write_bytes, atomic_write_text, write_png_grid
 from g2rpo.reward_registry import REWARDS
+
+WANDB_RUN = "wandb_run.json"  # the W&B run this output_dir logs to: {"id", "project", "entity"}
+
+
+class WandbError(Refusal, RuntimeError):
+    """logging.wandb: the W&B run could not be started (not logged in, no network in online mode, ...)."""
+
+
+class WandbRun:
+    """Rank 0's Weights & Biases run (``logging.wandb``): the same scalars as metrics.jsonl / heldout.jsonl, the
+    held-out sample strips, and the config in force, each row carrying the training step as ``step`` (W&B's x-axis
+    for every chart). The run's id is kept in ``output_dir/wandb_run.json``, so a resumed run logs into the same
+    W&B run; the steps that a stopped run logged after its last checkpoint appear there twice (under an exact
+    resume with the same values)."""
+
+    def __init__(self, out_dir: Path, cfg, config: dict | None):
+        import wandb
+
+        self.wandb = wandb
+        path = out_dir / WANDB_RUN
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        same = saved.get("project") == cfg.wandb_project and saved.get("entity") == cfg.wandb_entity
+        run_id = saved["id"] if same and saved.get("id") else secrets.token_hex(6)
+        try:
+            self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, id=run_id,
+                                  name=cfg.wandb_name or out_dir.resolve().name, resume="allow", dir=str(out_dir),
+                                  mode=cfg.wandb_mode, config=config, tags=list(cfg.wandb_tags) or None)
+        except Exception as exc:  # noqa: BLE001 -- wandb raises several kinds; each becomes the one line
+            hint = ("log in with `wandb login` (or set WANDB_API_KEY), or set logging.wandb_mode=offline"
+                    if cfg.wandb_mode == "online" else "or set logging.wandb=false")
+            raise WandbError(f"logging.wandb: wandb.init failed ({type(exc).__name__}: {exc}); {hint}") from None
+        if config is not None:
+            self.run.config.update(config, allow_val_change=True)  # a resumed run: the config in force now
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+        atomic_write_text(path, json.dumps({"id": run_id, "project": cfg.wandb_project,
+                                            "entity": cfg.wandb_entity}) + "\n")
+        self.closed = False
+
+    def log(self, step: int, values: dict) -> None:
+        self.run.log({"step": step, **values})
+
+    def image(self, step: int, key: str, path: Path) -> None:
+        self.log(step, {key: self.wandb.Image(str(path))})
+
+    def finish(self, exit_code: int = 0) -> None:
+        if not self.closed:
+            self.closed = True
+            self.run.finish(exit_code=exit_code)
 
 
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, reward_names: list[str], enabled: bool = True, purge_step: int | None = None,
-                 log_files: dict[str, str] | None = None):
+                 log_files: dict[str, str] | None = None, logging=None, config: dict | None = None):
         """``purge_step``: the step a resumed run continues from (TensorBoard drops the events from it on);
-        ``log_files``: each reward's per-step text log (default: the registry's)."""
+        ``log_files``: each reward's per-step text log (default: the registry's); ``logging``: the run's
+        `g2rpo.config.LoggingConfig` (default: TensorBoard only); ``config``: the config in force (for W&B)."""
+        from g2rpo.config import LoggingConfig
+
+        logging = logging or LoggingConfig()
         self.enabled = enabled
         self.out_dir = Path(out_dir)
         self.reward_names = reward_names
@@ -26,12 +81,23 @@ class MetricsLogger:
                                                                 else f"{name}_reward.txt") for name in reward_names}
         self.history: list[dict] = []
         self.heldout: list[dict] = []
-        self.writer = None
+        self.writer = self.wandb = None
+        self.closed = False
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
+            if logging.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
+                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
+            if logging.wandb:
+                self.wandb = WandbRun(self.out_dir, logging, config)
+
+    def _scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, values)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -40,9 +106,7 @@ class MetricsLogger:
         self.history.append(record)
         with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step":
-                self.writer.add_scalar(key, value, step)
+        self._scalars(step, {k: v for k, v in record.items() if k != "step"})
         # the reference's per-reward logs, one line per step: the anchor sample's reward (G²RPO; DenseGRPO with a
         # shared start noise), or -- for the methods without one -- the mean reward of the step's final images
         for name in self.reward_names:
@@ -82,16 +146,16 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{f"heldout/{k}": v for k, v in rewards.items()}}
+        scalars = {f"heldout/{k}": v for k, v in rewards.items()}
         if hacking is not None:
             record["hacking"] = list(hacking)
-            self.writer.add_scalar("heldout/hacking_flags", len(hacking), step)
+            scalars["heldout/hacking_flags"] = len(hacking)
         self.heldout.append(record)
         with open(self.out_dir / "heldout.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         with open(self.out_dir / "heldout_reward.txt", "a", encoding="utf-8") as f:
             f.write(f"{step} " + " ".join(f"{k}={v:.6f}" for k, v in rewards.items()) + "\n")
-        for key, value in rewards.items():
-            self.writer.add_scalar(f"heldout/{key}", value, step)
+        self._scalars(step, scalars)
 
     def save_strip(self, step: int, images: list[torch.Tensor]) -> Path | None:
         """The held-out sample strip (the same prompts and noise at every evaluation; uint8 ``[3, H, W]`` each) ->
@@ -101,7 +165,10 @@ class MetricsLogger:
         stacked = torch.stack(images).float() / 255
         path = self.out_dir / "samples" / "heldout" / f"step-{step:05d}.png"
         write_png_grid(path, stacked, columns=len(images))
-        self.writer.add_images("heldout/strip", stacked, step)
+        if self.writer is not None:
+            self.writer.add_images("heldout/strip", stacked, step)
+        if self.wandb is not None:
+            self.wandb.image(step, "heldout/strip", path)
         return path
 
     def save_grid(self, step: int, images: torch.Tensor) -> Path | None:
@@ -112,11 +179,18 @@ class MetricsLogger:
         write_png_grid(path, images)
         return path
 
-    def close(self) -> None:
-        if not self.enabled:
+    def close(self, failed: bool = False) -> None:
+        """Flush and close the logs (once; later calls do nothing); ``failed``: the run ended in an error (W&B marks
+        it failed; no reward curve is drawn)."""
+        if not self.enabled or self.closed:
             return
-        self.writer.close()
-        self.plot_reward_curve()
+        self.closed = True
+        if self.writer is not None:
+            self.writer.close()
+        if not failed:
+            self.plot_reward_curve()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
 
     def plot_reward_curve(self) -> Path | None:
         """reward_curve.png: per reward, the step's mean (completions or final images), the anchor sample's reward

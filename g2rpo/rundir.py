@@ -29,7 +29,7 @@ LOCK = ".lock"
 # What a run writes into its output_dir (see g2rpo.metrics, g2rpo.checkpoint): what --overwrite deletes.
 RUN_FILES = ("config.yaml", "config_history.jsonl", "metrics.jsonl", "heldout.jsonl", "heldout_reward.txt",
              "startup_memory.json", "reward_curve.png", "*_reward.txt", "tensorboard", "samples", "checkpoint-*",
-             ".checkpoint-*.tmp", "best.json", "report.html")
+             ".checkpoint-*.tmp", "best.json", "report.html", "wandb", "wandb_run.json")
 
 
 class RunInUseError(Refusal, RuntimeError):

@@ -116,6 +116,9 @@ def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
         + f", rollout weights {cfg.engine.rollout_weights}" + (", compiled rollouts" if cfg.engine.compile_rollout else ""),
         f"checkpoints to {cfg.output_dir}: after steps {_listed(checkpoint_steps(cfg))} (every {cfg.checkpoint_every} "
         f"from {cfg.checkpoint_start}, and the last)",
+        f"logs: metrics.jsonl" + (", TensorBoard" if cfg.logging.tensorboard else "")
+        + (f", W&B {cfg.logging.wandb_entity + '/' if cfg.logging.wandb_entity else ''}{cfg.logging.wandb_project} "
+           f"({cfg.logging.wandb_mode})" if cfg.logging.wandb else ""),
         start_line(cfg),
     ]
     return "\n".join(lines)

@@ -104,7 +104,7 @@ class Trainer:
         try:
             self._build(meter or PhaseMeter(info.device))
         except BaseException:
-            self.close()  # a refused or failed start leaves the folder free
+            self.close(failed=True)  # a refused or failed start leaves the folder free
             raise
 
     def _build(self, meter: PhaseMeter) -> None:
@@ -120,6 +120,11 @@ class Trainer:
         problems = broadcast_object(agreed(lambda: [p for p in (e.check() for e in entries) if p] if info.is_main else []))
         if problems:  # a reward server that does not answer: refused before any model is loaded
             raise RewardServerError(problems[0])
+        # the logs start before any model loads, so that a W&B run that cannot start is refused at once
+        self.logger = agreed(lambda: MetricsLogger(self.out_dir, [e.name for e in entries], enabled=info.is_main,
+                                                   purge_step=self.resume_step,
+                                                   log_files={e.name: e.log_file for e in entries},
+                                                   logging=cfg.logging, config=to_dict(cfg)))
         self.family = family_of(cfg.models.base.path, cfg.models.kind)
         config = transformer_config(cfg.models.base.path)
         dataset = agreed(lambda: EmbeddingDataset(cfg.data.index, config, self.family))
@@ -150,8 +155,6 @@ class Trainer:
                                       cfg.data.shuffle)
         self.io_group = io_group(cfg.io_timeout_minutes)
         self.parts = checkpoint.Parts(self.engine, self.state, to_dict(cfg), self.data_identity)
-        self.logger = MetricsLogger(self.out_dir, list(self.rewards), enabled=info.is_main,
-                                    purge_step=self.resume_step, log_files={e.name: e.log_file for e in entries})
         self._report_startup_memory(dict(meter.phases))
 
     def _claim_output_dir(self) -> tuple[str | None, int, list[str]] | None:
@@ -516,6 +519,9 @@ class Trainer:
             self.logger.close()
             self._write_report()
             return self.state
+        except BaseException:
+            self.close(failed=True)
+            raise
         finally:
             self.close()
 
@@ -597,8 +603,11 @@ class Trainer:
         saved = f"checkpoint-{last_step}" if last_step >= 0 else "nothing to save (no step completed)"
         raise Interrupted(signum or signal.SIGTERM, f"{where}; {saved}")
 
-    def close(self) -> None:
-        """Release the output folder's lock (the end of the process releases it too)."""
+    def close(self, failed: bool = False) -> None:
+        """Close the logs (if still open; ``failed``: the run ended in an error) and release the output folder's lock
+        (the end of the process releases it too)."""
+        if getattr(self, "logger", None) is not None:
+            self.logger.close(failed=failed)
         if self._lock is not None:
             self._lock.release()
 
