@@ -176,6 +176,15 @@ class PPOConfig:
     Flow-GRPO's code: mean((μ_θ − μ_ref)²)/(2·s²) with s the noise level, i.e. |dt| times the exact one (its β
     values were tuned with it)."""
 
+    guard: bool = False
+    """GRPO-Guard's regulated clipping (as Flow-GRPO's train_sd3_GRPO_Guard.py, its ``rationorm`` switch, which turns
+    on both): the ratio normalised, ``log r̂ = s·(log p_θ − log p_old + mean((μ_θ − μ_old)²)/(2s²))`` with ``s`` the
+    transition's std (= ``mean(ε·(μ_θ − μ_old))``, centred on 1 at every timestep), and each transition's clipped
+    loss re-weighted by ``1/|dt|`` (the gradient's scale the same at every timestep); the KL term is not re-weighted.
+    Its clip ranges are far smaller (the official configs: 2e-6 to 4e-6). Cost: the rollout keeps each trained
+    transition's mean (the full-trajectory methods: one latent per step and generation, as much memory as the
+    trajectories themselves; G²RPO: one per branch step); no extra forward. g2rpo.loss.guard_clip_loss."""
+
     def __post_init__(self):
         if self.kl_form not in ("exact", "flow_grpo"):
             raise ValueError(f"ppo.kl_form={self.kl_form!r}: expected exact or flow_grpo")

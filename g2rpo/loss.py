@@ -34,6 +34,49 @@ def ppo_clip_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     return loss, stats
 
 
+def guard_clip_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor,
+                    old_mean: torch.Tensor, std: torch.Tensor, dt: torch.Tensor, advantages: torch.Tensor,
+                    clip_range: float):
+    """GRPO-Guard's regulated clipping (``ppo.guard``, Flow-GRPO's GRPO-Guard trainer): `ppo_clip_loss` on the
+    normalised ratio, each transition's term re-weighted by ``1/|dt|``.
+
+    With ``s`` the transition's std (0-d, or per transition ``[m, 1, ...]``), ``μ_θ`` its mean under the policy
+    (``[m, ...]`` or ``[1, ...]`` shared by the m) and ``μ_old`` under the sampling policy::
+
+        log r̂ = s · (log p_θ − log p_old + mean((μ_θ − μ_old)²) / (2 s²))       (= mean(ε · (μ_θ − μ_old)))
+        loss  = mean_n max(−A·r̂, −A·clip(r̂, 1 − ε, 1 + ε)) / |dt_n|
+
+    The mean-shift term keeps its gradient (it cancels the part of ∇log p_θ that would push r̂ below 1). Flow-GRPO
+    takes ``s`` and ``dt`` as the micro-batch's means, all of whose rows share a timestep; here they are per
+    transition, which is the same there. ``stats`` as `ppo_clip_loss` (clip_frac on r̂; approx_kl of the plain
+    ratio, as Flow-GRPO logs it)."""
+    if not (new_log_prob.shape == old_log_prob.shape == advantages.shape):
+        raise ValueError(f"new_log_prob {tuple(new_log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and "
+                         f"advantages {tuple(advantages.shape)} must have the same shape")
+    if mean.shape[1:] != old_mean.shape[1:]:
+        raise ValueError(f"mean {tuple(mean.shape)} and old mean {tuple(old_mean.shape)} differ in shape")
+    if clip_range <= 0:
+        raise ValueError(f"clip_range={clip_range}: must be > 0")
+    m = new_log_prob.shape[0]
+    s = std.float().reshape(-1).expand(m) if std.numel() == 1 else std.float().reshape(m)
+    step = dt.float().abs().reshape(-1).expand(m).to(s.device)
+    shift = ((mean.float() - old_mean.float().detach()) ** 2).flatten(1).mean(dim=1).expand(m) / (2 * s**2)
+    log_ratio = new_log_prob.float() - old_log_prob.float().detach()
+    ratio = torch.exp((log_ratio + shift) * s)
+    advantages = advantages.float().detach()
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = (torch.maximum(unclipped, clipped) / step).mean()
+    with torch.no_grad():
+        plain = torch.exp(log_ratio)
+        stats = {
+            "clip_frac": (clipped > unclipped).float().mean(),
+            "ratio_mean": ratio.mean(),
+            "approx_kl": ((plain - 1) - log_ratio).mean(),
+        }
+    return loss, stats
+
+
 def reference_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, dt: torch.Tensor | None = None,
                  form: str = "exact") -> torch.Tensor:
     """``KL(π_θ(·|x_t) ‖ π_ref(·|x_t))`` of one SDE transition, averaged over its elements -> ``[B]``.

@@ -43,6 +43,7 @@ class Chunk:
     old_log_probs: torch.Tensor  # [m]
     advantages: torch.Tensor  # [m]
     weight: float
+    old_means: torch.Tensor | None = None  # [m or 1, *latent]: the sampling policy's means (ppo.guard)
 
 
 def window_transitions(step: int, num_steps: int, size: int, start: int, shift_every: int, stride: int) -> list[int]:
@@ -133,7 +134,8 @@ class SingularMethod:
         def chunk(group, adv, ki, weight):
             def transition(policy):
                 return policy_transition(policy, group.embedding, group.rollout, ki, self.sampling, compute_dtype)
-            return Chunk(transition, group.rollout.old_log_probs[:, ki], adv[:, ki], weight)
+            return Chunk(transition, group.rollout.old_log_probs[:, ki], adv[:, ki], weight,
+                         group.rollout.old_means[ki][None] if self.cfg.ppo.guard else None)
 
         k = len(self.sampling.branch_steps)
         per_branch = [[chunk(g, a, ki, 1 / len(groups)) for g, a in zip(groups, advantages)] for ki in range(k)]
@@ -205,7 +207,7 @@ class TrajectoryMethod:
             levels = levels[:len(sigmas) - 1]  # the compressed tail is deterministic
         return sde_trajectories(policy, embedding, self.sampling, levels, generator, self.tcfg.same_start_noise,
                                 dense=self.dense, order=self.sampling.order, device=device, sigmas=sigmas,
-                                dpm_from=dpm_from)
+                                dpm_from=dpm_from, keep_means=self.cfg.ppo.guard)
 
     def score_latents(self, rollout) -> torch.Tensor:
         """The N final latents; DenseGRPO also the completions of ``x_0 .. x_{T-1}`` (``x_0``'s once when the
@@ -293,7 +295,8 @@ class TrajectoryMethod:
             dt = r.sigmas[at + 1] - r.sigmas[at]
             return Transition(gaussian_log_prob(r.latents[gen, index + 1], mean, std), mean, std, dt)
 
-        return Chunk(transition, r.old_log_probs[gen, index], advantages, weight)
+        return Chunk(transition, r.old_log_probs[gen, index], advantages, weight,
+                     r.old_means[gen, index] if r.old_means is not None else None)
 
 
 def build_method(cfg, world_size: int = 1):

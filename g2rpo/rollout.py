@@ -99,6 +99,7 @@ class RolloutResult:
     completions: torch.Tensor  # [N, K, G, *latent]: x̂0 of each (generation, branch step, granularity)
     num_calls: int
     num_sample_forwards: int
+    old_means: torch.Tensor | None = None  # [K, *latent]: the branch step's Gaussian mean, shared by the group
 
     @property
     def branch_latents(self) -> torch.Tensor:
@@ -211,8 +212,10 @@ def singular_sde_rollout(policy, embedding: Conditioning, cfg: SamplingConfig, g
     next_latents = torch.empty((n, len(ks), *shape), device=device)
     old_log_probs = torch.empty((n, len(ks)), device=device)
     completions = torch.empty((n, len(ks), len(gs), *shape), device=device)
+    old_means = torch.empty((len(ks), *shape), device=device)
     for ki, k in enumerate(ks):
         a_k = anchors[k]
+        old_means[ki] = sde_step_stats(a_k[None], anchor_velocity[k][None], sigmas, k, cfg.eta)[0][0]
         if cfg.order == "shared":
             x, _, log_prob = sde_step(anchor_velocity[k].expand(n, *shape), a_k.expand(n, *shape), sigmas, k,
                                       cfg.eta, noise=branch_noise[ki])
@@ -229,7 +232,7 @@ def singular_sde_rollout(policy, embedding: Conditioning, cfg: SamplingConfig, g
     return RolloutResult(
         sigmas=sigmas, branch_steps=ks, granularities=gs, anchor_latents=torch.stack(anchors),
         next_latents=next_latents, old_log_probs=old_log_probs, completions=completions,
-        num_calls=velocity.calls, num_sample_forwards=velocity.sample_forwards,
+        num_calls=velocity.calls, num_sample_forwards=velocity.sample_forwards, old_means=old_means,
     )
 
 

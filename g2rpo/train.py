@@ -101,7 +101,8 @@ def describe(cfg: TrainConfig, nnodes: int, nproc_per_node: int) -> str:
         f"sampling: T={s.num_steps} ({s.grid} grid), shift={s.shift}, eta={s.eta}, {sampling}, order={s.order}",
         f"rewards: {', '.join(f'{r.key} (weight {r.weight})' + ('' if r.key == r.name else f' = {r.name}') for r in cfg.rewards)}",
         f"steps: {cfg.max_steps}, optimiser updates: {cfg.max_steps * k} ({k} per step), lr {cfg.optim.lr}, "
-        f"clip_range {cfg.ppo.clip_range}",
+        f"clip_range {cfg.ppo.clip_range}" + (" on GRPO-Guard's normalised ratio, each transition's loss / |dt|"
+                                              if cfg.ppo.guard else ""),
         f"advantages: {cfg.advantage.std} std over the {cfg.advantage.std_over} + {cfg.advantage.eps:g}, "
         f"{cfg.advantage.precision}, rewards combined {cfg.advantage.combine}"
         + (", weights normalised" if cfg.advantage.normalize_weights else ""),

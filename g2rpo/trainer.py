@@ -29,7 +29,7 @@ from g2rpo.distributed import (DistInfo, agreed, all_gather_object, all_reduce, 
                                print0)
 from g2rpo.engine import build_engine
 from g2rpo.io import atomic_write_text
-from g2rpo.loss import ppo_clip_loss, reference_kl
+from g2rpo.loss import guard_clip_loss, ppo_clip_loss, reference_kl
 from g2rpo.memory import PhaseMeter
 from g2rpo.methods import build_method
 from g2rpo.metrics import MetricsLogger
@@ -272,8 +272,12 @@ class Trainer:
             for chunk in unit:
                 with self.engine.autocast():
                     new = chunk.transition(self.engine.module)
-                loss, chunk_stats = ppo_clip_loss(new.log_probs, chunk.old_log_probs, chunk.advantages,
-                                                  self.cfg.ppo.clip_range)
+                if self.cfg.ppo.guard:  # GRPO-Guard: the normalised ratio, 1/|dt| per transition
+                    loss, chunk_stats = guard_clip_loss(new.log_probs, chunk.old_log_probs, new.mean, chunk.old_means,
+                                                        new.std, new.dt, chunk.advantages, self.cfg.ppo.clip_range)
+                else:
+                    loss, chunk_stats = ppo_clip_loss(new.log_probs, chunk.old_log_probs, chunk.advantages,
+                                                      self.cfg.ppo.clip_range)
                 if beta:  # + β·KL(π_θ ‖ π_ref) of the same transitions (g2rpo.loss.reference_kl)
                     with self.engine.reference_policy() as reference:
                         ref_mean = chunk.transition(reference).mean

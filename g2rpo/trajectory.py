@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from g2rpo.config import SamplingConfig
-from g2rpo.flow import dpm_solver_step, ode_step, sde_step, shift_time, sigma_schedule
+from g2rpo.flow import dpm_solver_step, ode_step, sde_step, sde_step_stats, shift_time, sigma_schedule
 from g2rpo.models.base import Conditioning
 from g2rpo.rollout import VelocityField, start_noise
 
@@ -48,6 +48,7 @@ class TrajectoryResult:
     completions: torch.Tensor | None  # [N, T+1, *latent]: ODE completion of every x_i (i = T: x_T); DenseGRPO only
     num_calls: int
     num_sample_forwards: int
+    old_means: torch.Tensor | None = None  # [N, T, *latent]: each stochastic transition's mean (keep_means; 0: ODE)
 
     @property
     def final(self) -> torch.Tensor:
@@ -84,11 +85,12 @@ def sde_trajectories(policy, embedding: Conditioning, cfg: SamplingConfig, level
                      generator: torch.Generator, same_start_noise: bool = True, dense: bool = False,
                      order: str = "shared", compute_dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None, sigmas: torch.Tensor | None = None,
-                     dpm_from: int | None = None) -> TrajectoryResult:
+                     dpm_from: int | None = None, keep_means: bool = False) -> TrajectoryResult:
     """Roll out ``cfg.group_size`` trajectories with noise levels ``levels [T]``, on the T-step grid of ``cfg``
     or on ``sigmas [T+1]`` (MixGRPO-Flash's `compressed_grid`). ``dpm_from``: the deterministic transitions
     from that grid index on take DPM-Solver++(2M) steps (`g2rpo.flow.dpm_solver_step`; its history holds the
-    ``x̂0`` of every earlier step, the window's SDE steps included) instead of Euler steps."""
+    ``x̂0`` of every earlier step, the window's SDE steps included) instead of Euler steps. ``keep_means``: also
+    return each stochastic transition's Gaussian mean (``ppo.guard``)."""
     device = torch.device(device) if device is not None else embedding.device
     embedding.validate(policy)
     grid = sigma_schedule(cfg.num_steps, cfg.shift, cfg.grid) if sigmas is None else sigmas.float().cpu()
@@ -110,6 +112,7 @@ def sde_trajectories(policy, embedding: Conditioning, cfg: SamplingConfig, level
     keep_velocities = dense and order == "shared"  # the completions' first steps reuse them
     latents, velocities = [start], []
     old_log_probs = torch.full((n, t), float("nan"), device=device)
+    old_means = torch.zeros((n, t, *start.shape[1:]), device=device) if keep_means else None
     prev_x0 = None
     for i in range(t):
         x = latents[-1]
@@ -120,6 +123,8 @@ def sde_trajectories(policy, embedding: Conditioning, cfg: SamplingConfig, level
         if levels[i] > 0:
             x_next, _, log_prob = sde_step(v, x, sigmas, i, 0.0, noise=noise[i], level=levels[i].to(device))
             old_log_probs[:, i] = log_prob
+            if keep_means:
+                old_means[:, i] = sde_step_stats(x, v, sigmas, i, 0.0, level=levels[i].to(device))[0]
         elif dpm_from is not None and i >= dpm_from:
             x_next = dpm_solver_step(x, x0, host_sigmas[i], host_sigmas[i + 1], prev_x0, host_sigmas[i - 1] if i else None)
         else:
@@ -135,7 +140,7 @@ def sde_trajectories(policy, embedding: Conditioning, cfg: SamplingConfig, level
         completions = _complete_each(velocity, latents, sigmas)
     return TrajectoryResult(sigmas=sigmas, levels=levels, latents=latents, old_log_probs=old_log_probs,
                             completions=completions, num_calls=velocity.calls,
-                            num_sample_forwards=velocity.sample_forwards)
+                            num_sample_forwards=velocity.sample_forwards, old_means=old_means)
 
 
 def _complete_each(velocity: VelocityField, latents: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
