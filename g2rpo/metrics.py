@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import secrets
+import shutil
 import json
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class WandbRun:
 
         self.wandb = wandb
         path = out_dir / WANDB_RUN
+        self.created = {p for p in (path, out_dir / "wandb") if not p.exists()}  # what `discard` may remove
         saved = json.loads(path.read_text()) if path.is_file() else {}
         same = saved.get("project") == cfg.wandb_project and saved.get("entity") == cfg.wandb_entity
         run_id = saved["id"] if same and saved.get("id") else secrets.token_hex(6)
@@ -64,6 +66,13 @@ class WandbRun:
             self.closed = True
             self.run.finish(exit_code=exit_code)
 
+    def discard(self) -> None:
+        """After `finish`: remove this start's local W&B files (a start that failed before logging anything), so
+        that the folder holds no run for the next start to trip over."""
+        shutil.rmtree(Path(self.run.dir).parent, ignore_errors=True)  # <output_dir>/wandb/<mode>-run-<time>-<id>
+        for path in self.created:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
 
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, reward_names: list[str], enabled: bool = True, purge_step: int | None = None,
@@ -81,18 +90,26 @@ class MetricsLogger:
                                                                 else f"{name}_reward.txt") for name in reward_names}
         self.history: list[dict] = []
         self.heldout: list[dict] = []
-        self.writer = self.wandb = None
-        self.closed = False
+        self._writer, self.wandb = None, None
+        self._tensorboard = enabled and logging.tensorboard
+        self.purge_step = purge_step
+        self.closed = self.logged = False
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            if logging.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
-            if logging.wandb:
+            if logging.wandb:  # started at once, so that a W&B run that cannot start is refused before any model loads
                 self.wandb = WandbRun(self.out_dir, logging, config)
 
+    @property
+    def writer(self):
+        """TensorBoard's writer, made at the first thing logged: a start refused before that leaves no files."""
+        if self._writer is None and self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.purge_step)
+        return self._writer
+
     def _scalars(self, step: int, values: dict[str, float]) -> None:
+        self.logged = True
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
@@ -185,12 +202,14 @@ class MetricsLogger:
         if not self.enabled or self.closed:
             return
         self.closed = True
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
         if not failed:
             self.plot_reward_curve()
         if self.wandb is not None:
             self.wandb.finish(exit_code=1 if failed else 0)
+            if failed and not self.logged:  # a start that failed before its first log line leaves no W&B files
+                self.wandb.discard()
 
     def plot_reward_curve(self) -> Path | None:
         """reward_curve.png: per reward, the step's mean (completions or final images), the anchor sample's reward

@@ -113,6 +113,21 @@ def test_a_wandb_run_that_cannot_start_is_refused_in_one_line(tiny_models, tiny_
     RunLock(tmp_path / "run").acquire().release()  # the folder is free
 
 
+def test_a_start_that_fails_before_logging_leaves_no_run_behind(tiny_models, tiny_embeddings, tmp_path, monkeypatch):
+    """A model that fails to load after the W&B run started: the W&B run is closed as failed and its local files
+    removed, TensorBoard wrote nothing, so the folder holds no run and the next start is not refused."""
+    import g2rpo.trainer
+    from g2rpo.rundir import run_files
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the transformer did not load")
+
+    monkeypatch.setattr(g2rpo.trainer, "build_engine", fail)
+    with pytest.raises(RuntimeError, match="did not load"):
+        small_trainer(tiny_models, tiny_embeddings, tmp_path / "run", "logging.wandb=true", "logging.wandb_mode=offline")
+    assert run_files(tmp_path / "run") == []
+
+
 def test_logging_fields_are_checked():
     from g2rpo.config import LoggingConfig
 
