@@ -515,8 +515,10 @@ def _weighted_change(advantages, change, shift=0) -> float:
     return total
 
 
-@pytest.mark.parametrize("name", ["tiny_dancegrpo.yaml", "tiny_flowgrpo.yaml", "tiny_densegrpo.yaml"])
-def test_one_update_raises_the_advantage_weighted_likelihood_and_its_twin_lowers_it(name, tiny_models,
+@pytest.mark.parametrize("name,extra", [("tiny_dancegrpo.yaml", ()), ("tiny_flowgrpo.yaml", ()),
+                                        ("tiny_densegrpo.yaml", ()), ("tiny_flowgrpo.yaml", ("ppo.guard=true",))],
+                         ids=["dancegrpo", "flowgrpo", "densegrpo", "flowgrpo-guard"])
+def test_one_update_raises_the_advantage_weighted_likelihood_and_its_twin_lowers_it(name, extra, tiny_models,
                                                                                   tiny_embeddings, tmp_path):
     """Each full-trajectory method's update climbs its own objective. After one optimiser step on one step's
     rollouts (trajectory.samples_per_update=0: first order), the change of the log-likelihood of the trained
@@ -525,12 +527,13 @@ def test_one_update_raises_the_advantage_weighted_likelihood_and_its_twin_lowers
     generation's own advantages than with those of any other generation of its group (a cyclic shift), so an
     advantage that reached the wrong generation fails. The minimising twin (every reward weight -1; the same
     seed: the same rollouts, A negated) gives S < 0. The update starts on-policy (clip_frac 0: the old
-    log-probs are the sampling policy's). The held-out learning signal of these three takes 48 two-rank steps
+    log-probs are the sampling policy's). GRPO-Guard's loss (``ppo.guard``: the normalised ratio, 1/|dt| weights)
+    climbs the same objective. The held-out learning signal of these three takes 48 two-rank steps
     (docs/benchmarks.md "Learning signal"); CI runs that of MixGRPO and G2RPO."""
     def moved(weight):
         trainer = _trainer(name, tiny_models, tiny_embeddings, tmp_path / str(weight), "seed=0",
                            "trajectory.samples_per_update=0", f"rewards=[{{name: hps, weight: {weight}}}, "
-                           f"{{name: clip_score, weight: {weight}}}]")
+                           f"{{name: clip_score, weight: {weight}}}]", *extra)
         groups = trainer.rollout(0)
         trainer.score(groups)
         advantages = trainer.advantages(groups)
