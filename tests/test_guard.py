@@ -89,16 +89,24 @@ def test_the_guard_gradient_is_the_closed_form(shared):
     torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-9)  # the loss is computed in float32
 
 
-@pytest.mark.parametrize("config", ["tiny.yaml", "tiny_flowgrpo.yaml", "tiny_mixgrpo.yaml"])
-def test_the_rollout_keeps_the_means_the_update_recomputes(tiny_models, tiny_embeddings, tmp_path, config):
+@pytest.mark.parametrize("config", ["tiny.yaml", "tiny_flowgrpo.yaml", "tiny_mixgrpo.yaml", "tiny_sd35m_densegrpo.yaml"])
+def test_the_rollout_keeps_the_means_the_update_recomputes(request, tmp_path, config):
     """Before any update the policy is the sampling policy: every chunk's recomputed mean equals the mean its
-    rollout stored for that (generation, transition), the log-probs agree, and the normalised ratio is 1."""
+    rollout stored for that (generation, transition), the log-probs agree, and the normalised ratio is 1 -- on
+    FLUX (G²RPO, Flow-GRPO, MixGRPO) and on SD3 with classifier-free guidance (DenseGRPO)."""
     from g2rpo.config import TrainConfig, load_config
     from g2rpo.distributed import DistInfo
     from g2rpo.trainer import Trainer
+    from tests.conftest import sd3_model_overrides
 
+    if "sd35m" in config:
+        models, embeddings = request.getfixturevalue("tiny_sd3_models"), request.getfixturevalue("tiny_sd3_embeddings")
+        overrides = sd3_model_overrides(models)
+    else:
+        models, embeddings = request.getfixturevalue("tiny_models"), request.getfixturevalue("tiny_embeddings")
+        overrides = model_overrides(models)
     cfg = load_config(TrainConfig, ROOT / "configs" / config, [
-        *model_overrides(tiny_models), f"data.index={tiny_embeddings / 'index.jsonl'}", f"output_dir={tmp_path}",
+        *overrides, f"data.index={embeddings / 'index.jsonl'}", f"output_dir={tmp_path}",
         "ppo.guard=true", "eval_every=0", "sample_every=0", "data.holdout=0"])
     trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
     try:
