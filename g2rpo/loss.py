@@ -6,6 +6,32 @@ from __future__ import annotations
 import torch
 
 
+def _check(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float):
+    if not (new_log_prob.shape == old_log_prob.shape == advantages.shape):
+        raise ValueError(f"new_log_prob {tuple(new_log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and "
+                         f"advantages {tuple(advantages.shape)} must have the same shape")
+    if clip_range <= 0:
+        raise ValueError(f"clip_range={clip_range}: must be > 0")
+
+
+def _clipped_objective(ratio: torch.Tensor, log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float,
+                       scale: torch.Tensor | None = None):
+    """``mean_n max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)) / scale_n`` (``scale`` None: 1) and its diagnostics;
+    ``log_ratio`` is the plain ``new - old`` (``approx_kl`` is of the plain ratio)."""
+    advantages = advantages.float().detach()
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    terms = torch.maximum(unclipped, clipped)
+    loss = (terms if scale is None else terms / scale).mean()
+    with torch.no_grad():
+        stats = {
+            "clip_frac": (clipped > unclipped).float().mean(),
+            "ratio_mean": ratio.mean(),
+            "approx_kl": ((torch.exp(log_ratio) - 1) - log_ratio).mean(),
+        }
+    return loss, stats
+
+
 def ppo_clip_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                   clip_range: float):
     """``mean_n max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε))`` with ``ratio = exp(new - old)``.
@@ -14,24 +40,9 @@ def ppo_clip_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
     samples whose clipped term was the active one), ``ratio_mean`` and ``approx_kl``
     (``mean((ratio - 1) - log ratio)``, a non-negative estimate of KL(old‖new)).
     """
-    if not (new_log_prob.shape == old_log_prob.shape == advantages.shape):
-        raise ValueError(f"new_log_prob {tuple(new_log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and "
-                         f"advantages {tuple(advantages.shape)} must have the same shape")
-    if clip_range <= 0:
-        raise ValueError(f"clip_range={clip_range}: must be > 0")
+    _check(new_log_prob, old_log_prob, advantages, clip_range)
     log_ratio = new_log_prob.float() - old_log_prob.float().detach()
-    ratio = torch.exp(log_ratio)
-    advantages = advantages.float().detach()
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    with torch.no_grad():
-        stats = {
-            "clip_frac": (clipped > unclipped).float().mean(),
-            "ratio_mean": ratio.mean(),
-            "approx_kl": ((ratio - 1) - log_ratio).mean(),
-        }
-    return loss, stats
+    return _clipped_objective(torch.exp(log_ratio), log_ratio, advantages, clip_range)
 
 
 def guard_clip_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor,
@@ -50,31 +61,15 @@ def guard_clip_loss(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean
     takes ``s`` and ``dt`` as the micro-batch's means, all of whose rows share a timestep; here they are per
     transition, which is the same there. ``stats`` as `ppo_clip_loss` (clip_frac on r̂; approx_kl of the plain
     ratio, as Flow-GRPO logs it)."""
-    if not (new_log_prob.shape == old_log_prob.shape == advantages.shape):
-        raise ValueError(f"new_log_prob {tuple(new_log_prob.shape)}, old_log_prob {tuple(old_log_prob.shape)} and "
-                         f"advantages {tuple(advantages.shape)} must have the same shape")
+    _check(new_log_prob, old_log_prob, advantages, clip_range)
     if mean.shape[1:] != old_mean.shape[1:]:
         raise ValueError(f"mean {tuple(mean.shape)} and old mean {tuple(old_mean.shape)} differ in shape")
-    if clip_range <= 0:
-        raise ValueError(f"clip_range={clip_range}: must be > 0")
     m = new_log_prob.shape[0]
     s = std.float().reshape(-1).expand(m) if std.numel() == 1 else std.float().reshape(m)
     step = dt.float().abs().reshape(-1).expand(m).to(s.device)
     shift = ((mean.float() - old_mean.float().detach()) ** 2).flatten(1).mean(dim=1).expand(m) / (2 * s**2)
     log_ratio = new_log_prob.float() - old_log_prob.float().detach()
-    ratio = torch.exp((log_ratio + shift) * s)
-    advantages = advantages.float().detach()
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = (torch.maximum(unclipped, clipped) / step).mean()
-    with torch.no_grad():
-        plain = torch.exp(log_ratio)
-        stats = {
-            "clip_frac": (clipped > unclipped).float().mean(),
-            "ratio_mean": ratio.mean(),
-            "approx_kl": ((plain - 1) - log_ratio).mean(),
-        }
-    return loss, stats
+    return _clipped_objective(torch.exp((log_ratio + shift) * s), log_ratio, advantages, clip_range, scale=step)
 
 
 def reference_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, dt: torch.Tensor | None = None,

@@ -5,9 +5,9 @@ appended one whole line at a time."""
 from __future__ import annotations
 
 import io
+import json
 import secrets
 import shutil
-import json
 from pathlib import Path
 
 import torch
@@ -42,18 +42,17 @@ class WandbRun:
         try:
             self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, id=run_id,
                                   name=cfg.wandb_name or out_dir.resolve().name, resume="allow", dir=str(out_dir),
-                                  mode=cfg.wandb_mode, config=config, tags=list(cfg.wandb_tags) or None)
+                                  mode=cfg.wandb_mode, tags=list(cfg.wandb_tags) or None)
         except Exception as exc:  # noqa: BLE001 -- wandb raises several kinds; each becomes the one line
             hint = ("log in with `wandb login` (or set WANDB_API_KEY), or set logging.wandb_mode=offline"
                     if cfg.wandb_mode == "online" else "or set logging.wandb=false")
             raise WandbError(f"logging.wandb: wandb.init failed ({type(exc).__name__}: {exc}); {hint}") from None
         if config is not None:
-            self.run.config.update(config, allow_val_change=True)  # a resumed run: the config in force now
+            self.run.config.update(config, allow_val_change=True)  # also on resume: the config in force now
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
         atomic_write_text(path, json.dumps({"id": run_id, "project": cfg.wandb_project,
                                             "entity": cfg.wandb_entity}) + "\n")
-        self.closed = False
 
     def log(self, step: int, values: dict) -> None:
         self.run.log({"step": step, **values})
@@ -62,9 +61,7 @@ class WandbRun:
         self.log(step, {key: self.wandb.Image(str(path))})
 
     def finish(self, exit_code: int = 0) -> None:
-        if not self.closed:
-            self.closed = True
-            self.run.finish(exit_code=exit_code)
+        self.run.finish(exit_code=exit_code)
 
     def discard(self) -> None:
         """After `finish`: remove this start's local W&B files (a start that failed before logging anything), so
@@ -162,8 +159,8 @@ class MetricsLogger:
         ``hacking``: the out-of-domain rewards the detector flags there (g2rpo.hacking), logged as ``hacking``."""
         if not self.enabled:
             return
-        record = {"step": step, **{f"heldout/{k}": v for k, v in rewards.items()}}
         scalars = {f"heldout/{k}": v for k, v in rewards.items()}
+        record = {"step": step, **scalars}
         if hacking is not None:
             record["hacking"] = list(hacking)
             scalars["heldout/hacking_flags"] = len(hacking)
